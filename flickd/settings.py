@@ -1,0 +1,116 @@
+"""The one settings object. Nothing else in flickd reads ``os.environ``.
+
+Every field is read from an environment variable prefixed ``FLICKD_`` (``FLICKD_DATABASE_URL``,
+``FLICKD_BROKER_URL`` …). With none set, flickd runs on the *embedded default*: a SQLite
+database and blob store under ``./flickd-data`` and Celery tasks executed in-process.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLICKD_", env_nested_delimiter="__", extra="ignore")
+
+    # --- where things live -------------------------------------------------------------------
+    data_dir: Path = Path("flickd-data")
+    database_url: str | None = None  # default: sqlite:///<data_dir>/flickd.db
+    broker_url: str | None = None  # default: none -> tasks run in-process (embedded mode)
+    result_backend: str | None = None
+
+    # --- Celery reliability --------------------------------------------------------------------
+    # Seconds a delivered, unacknowledged message stays invisible before Redis re-delivers it.
+    # Must exceed the longest task (time limits below), or a slow task is run twice.
+    visibility_timeout: int = 3600
+    task_soft_time_limit: int = 900
+    task_time_limit: int = 960
+
+    # --- producer ------------------------------------------------------------------------------
+    feed_chunk_rows: int = 50_000
+    download_batch_size: int = 64
+    max_url_length: int = 2048
+
+    # --- downloads -----------------------------------------------------------------------------
+    # CIDR networks the SSRF guard lets through although they are private/loopback/…
+    allowed_networks: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    download_threads: int = 32
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    download_deadline: float = 30.0  # whole-body wall-clock cap, defeats slow trickles
+    max_download_bytes: int = 20 * 1024 * 1024
+    max_redirects: int = 5
+    max_attempts: int = 4  # per image, first try included
+    backoff_base: float = 0.5
+    backoff_max: float = 8.0
+    max_retry_after: float = 30.0
+    max_image_pixels: int = 50_000_000
+    user_agent: str = "flickd/0.1 (+catalog image fetcher)"
+
+    # --- vision (GPU workers) ------------------------------------------------------------------
+    device: str | None = None  # "cuda", "cuda:1", "cpu"; default: CUDA when present
+    detector_model: str = "valentinafeve/yolos-fashionpedia"  # hub id, local dir, or "none"
+    embedding_model: str = "openai/clip-vit-base-patch32"
+    detection_threshold: float = 0.5
+    analyze_batch_size: int = 16
+    min_crop_side: int = 16
+    crop_merge_iou: float = 0.7
+
+    # --- misc ----------------------------------------------------------------------------------
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    @field_validator("allowed_networks", mode="before")
+    @classmethod
+    def _split_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.replace(";", ",").split(",") if part.strip()]
+        return value
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            ipaddress.ip_network(net, strict=False)  # raises ValueError with a clear message
+        return value
+
+    # --- derived -------------------------------------------------------------------------------
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: tasks run in-process."""
+        return not self.broker_url
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            # Prefer psycopg 3 for plain postgres URLs.
+            if url.startswith("postgresql://") or url.startswith("postgres://"):
+                url = "postgresql+psycopg://" + url.split("://", 1)[1]
+            return url
+        return f"sqlite:///{(self.data_dir / 'flickd.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def allowed_ip_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(net, strict=False) for net in self.allowed_networks]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests change the environment between cases)."""
+    get_settings.cache_clear()
