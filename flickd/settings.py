@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = 50_000_000
     user_agent: str = "flickd/0.1 (+catalog image fetcher)"
 
+    # --- pipeline ------------------------------------------------------------------------------
+    # The last stage images go through: "download" stops after storing the bytes (no models
+    # needed), "analyze" goes on to detection, colour, prompts and CLIP embeddings.
+    last_stage: Literal["download", "analyze"] = "analyze"
+
     # --- vision (GPU workers) ------------------------------------------------------------------
     device: str | None = None  # "cuda", "cuda:1", "cpu"; default: CUDA when present
     detector_model: str = "valentinafeve/yolos-fashionpedia"  # hub id, local dir, or "none"

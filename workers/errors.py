@@ -18,6 +18,7 @@ class FailureReason(StrEnum):
     DECOMPRESSION_BOMB = "decompression_bomb"
     CORRUPT_IMAGE = "corrupt_image"
     ANALYSIS_ERROR = "analysis_error"
+    INTERNAL_ERROR = "internal_error"  # a bug; the detail names the exception
     CANCELLED = "cancelled"
 
 

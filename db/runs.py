@@ -1,0 +1,189 @@
+"""Queries about ingest runs: progress, failures, completion, retry."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.orm import Session
+
+from db.schema import Image, ImageState, IngestRun, Product, RunStatus, utcnow
+
+
+def terminal_states(last_stage: str) -> tuple[str, ...]:
+    """States in which an image needs no more work, given the pipeline's last stage."""
+    if last_stage == "download":
+        return (ImageState.DOWNLOADED.value, ImageState.ANALYZED.value, ImageState.FAILED.value)
+    return (ImageState.ANALYZED.value, ImageState.FAILED.value)
+
+
+def finish_run_if_complete(session: Session, run_id: int, last_stage: str) -> bool:
+    """Mark the run done once the producer finished and no image of it still needs work.
+
+    A single conditional UPDATE, so of many workers finishing at once exactly one sees
+    rowcount == 1: that one may start the run's follow-up work.
+    """
+    pending = exists().where(
+        and_(Image.run_id == run_id, Image.state.not_in(terminal_states(last_stage)))
+    )
+    result = session.execute(
+        update(IngestRun)
+        .where(IngestRun.id == run_id, IngestRun.status == RunStatus.ENQUEUED.value, ~pending)
+        .values(status=RunStatus.DONE.value, finished_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+@dataclass
+class RunProgress:
+    run_id: int
+    feed: str
+    status: str
+    created_at: datetime
+    finished_at: datetime | None
+    rows_read: int
+    accepted: int
+    invalid: int
+    duplicates_in_feed: int
+    already_known: int
+    enqueued: int
+    invalid_by_reason: dict[str, Any]
+    images_by_state: dict[str, int] = field(default_factory=dict)
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
+    images_per_second: float | None = None
+
+    @property
+    def images_total(self) -> int:
+        return sum(self.images_by_state.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("created_at", "finished_at"):
+            data[key] = data[key].isoformat() if data[key] else None
+        data["images_total"] = self.images_total
+        return data
+
+
+def latest_run_id(session: Session) -> int | None:
+    return session.scalar(select(func.max(IngestRun.id)))
+
+
+def run_progress(session: Session, run_id: int) -> RunProgress | None:
+    run = session.get(IngestRun, run_id)
+    if run is None:
+        return None
+    by_state = dict(
+        session.execute(
+            select(Image.state, func.count()).where(Image.run_id == run_id).group_by(Image.state)
+        ).all()
+    )
+    by_reason = dict(
+        session.execute(
+            select(Image.failure_reason, func.count())
+            .where(Image.run_id == run_id, Image.state == ImageState.FAILED.value)
+            .group_by(Image.failure_reason)
+        ).all()
+    )
+    done = sum(n for state, n in by_state.items() if state != ImageState.QUEUED.value)
+    end = run.finished_at or utcnow()
+    start = run.created_at
+    elapsed = (_aware(end) - _aware(start)).total_seconds()
+    rate = done / elapsed if elapsed > 0 else None
+    return RunProgress(
+        run_id=run.id,
+        feed=run.feed,
+        status=run.status,
+        created_at=run.created_at,
+        finished_at=run.finished_at,
+        rows_read=run.rows_read,
+        accepted=run.accepted,
+        invalid=run.invalid,
+        duplicates_in_feed=run.duplicates_in_feed,
+        already_known=run.already_known,
+        enqueued=run.enqueued,
+        invalid_by_reason=dict(run.invalid_by_reason or {}),
+        images_by_state=by_state,
+        failures_by_reason={str(k): v for k, v in by_reason.items()},
+        images_per_second=rate,
+    )
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; they were written in UTC.
+    from datetime import UTC
+
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def failures(
+    session: Session, run_id: int | None, reason: str | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    query = (
+        select(
+            Image.id,
+            Image.url,
+            Product.external_id,
+            Image.failure_reason,
+            Image.failure_detail,
+            Image.attempts,
+        )
+        .join(Product, Product.id == Image.product_id)
+        .where(Image.state == ImageState.FAILED.value)
+        .order_by(Image.id)
+    )
+    if run_id is not None:
+        query = query.where(Image.run_id == run_id)
+    if reason:
+        query = query.where(Image.failure_reason == reason)
+    if limit:
+        query = query.limit(limit)
+    return [
+        {
+            "image_id": row.id,
+            "url": row.url,
+            "product_id": row.external_id,
+            "reason": row.failure_reason,
+            "detail": row.failure_detail,
+            "attempts": row.attempts,
+        }
+        for row in session.execute(query)
+    ]
+
+
+def reset_failed(session: Session, run_id: int | None, reason: str | None) -> list[int]:
+    """Put failed images back to ``queued`` and return their ids (for re-enqueueing).
+
+    The run they belong to goes back to ``enqueued`` so that it finishes again."""
+    query = select(Image.id).where(Image.state == ImageState.FAILED.value)
+    if run_id is not None:
+        query = query.where(Image.run_id == run_id)
+    if reason:
+        query = query.where(Image.failure_reason == reason)
+    ids = list(session.scalars(query.order_by(Image.id)))
+    run_ids = set(session.scalars(query.with_only_columns(Image.run_id).distinct()))
+    for start in range(0, len(ids), 5000):
+        chunk = ids[start : start + 5000]
+        session.execute(
+            update(Image)
+            .where(Image.id.in_(chunk), Image.state == ImageState.FAILED.value)
+            .values(
+                state=ImageState.QUEUED.value,
+                failure_reason=None,
+                failure_detail=None,
+                updated_at=utcnow(),
+            )
+            .execution_options(synchronize_session=False)
+        )
+    run_ids.discard(None)
+    if run_ids:
+        session.execute(
+            update(IngestRun)
+            .where(IngestRun.id.in_(run_ids))
+            .where(IngestRun.status == RunStatus.DONE.value)
+            .values(status=RunStatus.ENQUEUED.value, finished_at=None)
+            .execution_options(synchronize_session=False)
+        )
+    return ids

@@ -1,0 +1,223 @@
+"""The flickd schema: one image's life from feed row to index entry.
+
+    IngestRun ─┬─< RejectedRow            (rows the producer refused, with the reason)
+               └─< Image >── Product      (one row per (product, image URL))
+                     └─< Crop ─< Embedding >── ModelVersion ──< IndexBuild
+
+Every write that can be repeated (a feed ingested twice, a task delivered twice) is keyed by a
+unique constraint and done with ``INSERT … ON CONFLICT``, so repeating it creates nothing new.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Stable constraint names so Alembic migrations work the same on Postgres and SQLite.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; Postgres gets a 64-bit key for big catalogs.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class ImageState(StrEnum):
+    QUEUED = "queued"  # recorded and enqueued for download
+    DOWNLOADED = "downloaded"  # bytes stored, waiting for analysis
+    ANALYZED = "analyzed"  # crops and embeddings stored
+    FAILED = "failed"  # terminal, with a reason
+
+
+TERMINAL_STATES = (ImageState.ANALYZED.value, ImageState.FAILED.value)
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"  # the producer is still reading the feed
+    ENQUEUED = "enqueued"  # every accepted image is enqueued; workers are busy
+    DONE = "done"  # every image of the run reached a terminal state
+    FAILED = "failed"  # the feed could not be read
+    CANCELLED = "cancelled"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, int: Id}
+
+
+class IngestRun(Base):
+    __tablename__ = "ingest_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    feed: Mapped[str] = mapped_column(Text)
+    catalog: Mapped[str] = mapped_column(String(200), default="default")
+    status: Mapped[str] = mapped_column(String(16), default=RunStatus.RUNNING.value)
+    error: Mapped[str | None] = mapped_column(Text)
+    rows_read: Mapped[int] = mapped_column(default=0)
+    blank_rows: Mapped[int] = mapped_column(default=0)
+    accepted: Mapped[int] = mapped_column(default=0)  # valid (product, url) pairs in the feed
+    invalid: Mapped[int] = mapped_column(default=0)
+    duplicates_in_feed: Mapped[int] = mapped_column(default=0)
+    already_known: Mapped[int] = mapped_column(default=0)  # pairs the database already had
+    enqueued: Mapped[int] = mapped_column(default=0)
+    invalid_by_reason: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RejectedRow(Base):
+    __tablename__ = "rejected_rows"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("ingest_runs.id", ondelete="CASCADE"), index=True)
+    row_number: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text, default="")
+    raw: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Product(Base):
+    __tablename__ = "products"
+    __table_args__ = (UniqueConstraint("catalog", "external_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    catalog: Mapped[str] = mapped_column(String(200), default="default")
+    external_id: Mapped[str] = mapped_column(String(512))
+    title: Mapped[str | None] = mapped_column(Text)
+    brand: Mapped[str | None] = mapped_column(Text)
+    category: Mapped[str | None] = mapped_column(Text)
+    price: Mapped[float | None] = mapped_column(Float)
+    attributes: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    images: Mapped[list[Image]] = relationship(back_populates="product")
+
+
+class Image(Base):
+    __tablename__ = "images"
+    __table_args__ = (
+        UniqueConstraint("product_id", "url_hash"),
+        Index("ix_images_run_state", "run_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text)
+    url_hash: Mapped[str] = mapped_column(String(32))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("ingest_runs.id", ondelete="SET NULL"))
+    state: Mapped[str] = mapped_column(String(16), default=ImageState.QUEUED.value, index=True)
+    failure_reason: Mapped[str | None] = mapped_column(String(32))
+    failure_detail: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    content_hash: Mapped[str | None] = mapped_column(String(64), index=True)
+    blob_key: Mapped[str | None] = mapped_column(String(80))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    downloaded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    analyzed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    product: Mapped[Product] = relationship(back_populates="images")
+    crops: Mapped[list[Crop]] = relationship(back_populates="image", order_by="Crop.crop_index")
+
+
+class ModelVersion(Base):
+    """A set of weights that produced embeddings (the base CLIP, or a fine-tuned one)."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("kind", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # "embedder" | "detector"
+    name: Mapped[str] = mapped_column(Text)  # hub id or directory it was loaded from
+    version: Mapped[str] = mapped_column(String(128))  # content-derived identifier
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Crop(Base):
+    """One detected item (or the whole image when nothing was detected)."""
+
+    __tablename__ = "crops"
+    __table_args__ = (UniqueConstraint("image_id", "crop_index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    crop_index: Mapped[int] = mapped_column(Integer)
+    x0: Mapped[float] = mapped_column(Float)
+    y0: Mapped[float] = mapped_column(Float)
+    x1: Mapped[float] = mapped_column(Float)
+    y1: Mapped[float] = mapped_column(Float)
+    nx0: Mapped[float] = mapped_column(Float)
+    ny0: Mapped[float] = mapped_column(Float)
+    nx1: Mapped[float] = mapped_column(Float)
+    ny1: Mapped[float] = mapped_column(Float)
+    score: Mapped[float | None] = mapped_column(Float)
+    fine_label: Mapped[str | None] = mapped_column(String(64))
+    coarse_label: Mapped[str | None] = mapped_column(String(32), index=True)
+    whole_image: Mapped[bool] = mapped_column(Boolean, default=False)
+    colour_name: Mapped[str | None] = mapped_column(String(64))
+    colour_rgb: Mapped[str | None] = mapped_column(String(7))  # "#rrggbb"
+    prompt: Mapped[str | None] = mapped_column(Text)
+    blob_key: Mapped[str | None] = mapped_column(String(80))
+    detector_version: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    image: Mapped[Image] = relationship(back_populates="crops")
+
+
+class Embedding(Base):
+    """A crop's vector under one model version; a later model lives beside the old one."""
+
+    __tablename__ = "embeddings"
+    __table_args__ = (UniqueConstraint("crop_id", "model_version_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    crop_id: Mapped[int] = mapped_column(ForeignKey("crops.id", ondelete="CASCADE"))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, L2-normalised, little-endian
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class IndexBuild(Base):
+    __tablename__ = "index_builds"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    path: Mapped[str] = mapped_column(Text)
+    index_type: Mapped[str] = mapped_column(String(128))
+    n_vectors: Mapped[int] = mapped_column(BigInteger)
+    params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

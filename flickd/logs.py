@@ -1,0 +1,69 @@
+"""Logging with key=value (or JSON) lines carrying the run, task and image ids."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("flickd_log", default={})
+
+
+@contextmanager
+def log_context(**values: Any) -> Iterator[None]:
+    """Add ``values`` to every log line emitted inside the block (thread- and task-local)."""
+    token = _context.set({**_context.get(), **{k: v for k, v in values.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.ctx = {**_context.get(), **getattr(record, "extra_ctx", {})}
+        return True
+
+
+class KeyValueFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ctx = getattr(record, "ctx", {})
+        pairs = " ".join(f"{k}={v}" for k, v in ctx.items())
+        line = f"{self.formatTime(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        line = f"{line} {pairs}" if pairs else line
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "ts": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **getattr(record, "ctx", {}),
+        }
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    handler.addFilter(_ContextFilter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if getattr(existing, "_flickd", False):
+            root.removeHandler(existing)
+    handler._flickd = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for noisy in ("urllib3", "PIL", "filelock", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
