@@ -1,0 +1,117 @@
+"""How a model setting (hub id or local directory) is resolved, loaded and fingerprinted.
+
+Shared by the detector and the embedder so that a hub model and a locally built one take exactly
+the same code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+# Files whose bytes define a model's behaviour; everything else in a model directory (READMEs,
+# training args) may change without changing a single output.
+_FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
+
+
+class ModelLoadError(RuntimeError):
+    """A configured model cannot be loaded: missing directory, unknown hub id, no network."""
+
+
+def looks_like_path(name_or_dir: str | os.PathLike[str]) -> bool:
+    """True for settings meant as a filesystem path rather than a hub id.
+
+    Hub ids are ``owner/name`` or ``name``; anything absolute, relative with ``./`` or ``../``,
+    home-relative, or an existing directory is a path. Deciding this up front lets a typo in a
+    path fail with "no such directory" instead of a confusing hub lookup of ``/models/clip``.
+    """
+    text = os.fspath(name_or_dir)
+    if isinstance(name_or_dir, Path) or Path(text).expanduser().is_dir():
+        return True
+    return text.startswith(("/", "./", "../", "~", ".\\")) or text.count("/") > 1
+
+
+def pretrained_kwargs(name_or_dir: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
+    """The ``from_pretrained`` argument and keyword arguments for a setting.
+
+    A local directory is loaded with ``local_files_only=True`` so that a missing file there is an
+    error rather than a silent download attempt.
+    """
+    if looks_like_path(name_or_dir):
+        path = Path(os.fspath(name_or_dir)).expanduser()
+        if not path.is_dir():
+            raise ModelLoadError(f"model directory {path} does not exist")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a model directory (no config.json)")
+        return str(path.resolve()), {"local_files_only": True}
+    return os.fspath(name_or_dir), {}
+
+
+def load_pretrained(loader: Callable[..., T], name_or_dir: str, what: str, **kwargs: Any) -> T:
+    """``loader(name_or_dir, **kwargs)`` with failures turned into one clear ``ModelLoadError``."""
+    try:
+        return loader(name_or_dir, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = (
+            ""
+            if kwargs.get("local_files_only")
+            else " (hub ids need network access or a warm Hugging Face cache; offline, build local"
+            " models with `python -m models.build DIR` and point the setting at DIR/detector or"
+            " DIR/clip)"
+        )
+        raise ModelLoadError(f"cannot load {what} from {name_or_dir!r}: {exc}{hint}") from exc
+
+
+def fingerprint_dir(directory: Path) -> str:
+    """sha256 over the files of a model directory that define its behaviour."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if not path.is_file() or not path.name.endswith(_FINGERPRINT_SUFFIXES):
+            continue
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_state_dict(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _hub_commit(repo_id: str) -> str | None:
+    """The commit of the cached snapshot a hub model was loaded from (``…/snapshots/<sha>/``)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a transformers dependency
+        return None
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return Path(cached).parent.name
+    return None
+
+
+def model_version(name_or_dir: str, loaded_from: str, model: torch.nn.Module) -> str:
+    """A string that changes whenever the weights do: ``<setting>@<12 hex>``.
+
+    Local directories hash their config and weight files; hub models use the cached snapshot's
+    commit; anything else hashes the loaded parameters. Stored next to every embedding so an
+    index never mixes vectors from two different models.
+    """
+    path = Path(loaded_from)
+    if path.is_dir():
+        tag = fingerprint_dir(path)[:12]
+    else:
+        tag = (_hub_commit(loaded_from) or _hash_state_dict(model))[:12]
+    return f"{name_or_dir}@{tag}"

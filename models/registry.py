@@ -1,0 +1,99 @@
+"""Once-per-process model loading for workers.
+
+Models are loaded on first use, never at import time, and cached per (kind, name, device).
+
+Fork safety: a CUDA context does not survive ``fork()``, and a model loaded in a parent is
+duplicated, copy-on-write, into every child. So models must be loaded *in the worker process*
+(Celery's prefork children, after the fork), never in the parent before it forks: the first task
+in each child pays the load. As a safety net, a forked child starts with an empty cache and a
+fresh lock (a lock held by a loading thread at fork time would otherwise stay locked forever in
+the child); the models it inherited are kept referenced but never used, because freeing CUDA
+memory through a context that belongs to the parent is itself unsafe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from models.device import select_device
+
+if TYPE_CHECKING:
+    from flickd.settings import Settings
+    from models.detector import Detector
+    from models.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+DETECTION_OFF = "none"
+
+_cache: dict[tuple[str, str, str], Any] = {}
+_lock = threading.Lock()  # threaded workers must not load the same model twice
+_inherited: list[Any] = []  # models a forked child got from its parent: kept, never used
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()
+    _inherited.extend(_cache.values())
+    _cache.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _cached(
+    kind: str, name: str, device_setting: str | None, load: Callable[[str, torch.device], Any]
+) -> Any:
+    device = select_device(device_setting)
+    key = (kind, name, str(device))
+    with _lock:
+        if key not in _cache:
+            log.info("loading %s %s on %s (pid %d)", kind, name, device, os.getpid())
+            _cache[key] = load(name, device)
+        return _cache[key]
+
+
+def get_detector(settings: Settings) -> Detector | None:
+    """The process's detector, or None when detection is off (``FLICKD_DETECTOR_MODEL=none``):
+    every image then yields one whole-image crop."""
+    name = settings.detector_model.strip()
+    if name.lower() == DETECTION_OFF:
+        return None
+
+    def load(name: str, device: torch.device) -> Detector:
+        from models.detector import Detector
+
+        return Detector(
+            name,
+            device=device,
+            threshold=settings.detection_threshold,
+            batch_size=settings.analyze_batch_size,
+        )
+
+    detector: Detector = _cached("detector", name, settings.device, load)
+    # The threshold is a per-call knob, not part of the weights: follow the current settings.
+    detector.threshold = settings.detection_threshold
+    return detector
+
+
+def get_embedder(settings: Settings) -> Embedder:
+    """The process's CLIP embedder."""
+
+    def load(name: str, device: torch.device) -> Embedder:
+        from models.embedder import Embedder
+
+        return Embedder(name, device=device, batch_size=settings.analyze_batch_size)
+
+    return _cached("embedder", settings.embedding_model.strip(), settings.device, load)
+
+
+def clear() -> None:
+    """Drop every cached model (tests; freeing GPU memory before loading others)."""
+    with _lock:
+        _cache.clear()
