@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -10,6 +11,7 @@ from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from db.schema import Image, ImageState, IngestRun, Product, RunStatus, utcnow
+from flickd.settings import Settings
 
 
 def terminal_states(last_stage: str) -> tuple[str, ...]:
@@ -187,3 +189,18 @@ def reset_failed(session: Session, run_id: int | None, reason: str | None) -> li
             .execution_options(synchronize_session=False)
         )
     return ids
+
+
+def wait_for_run(settings: Settings, run_id: int, timeout: float = 120, poll: float = 0.3) -> str:
+    """Poll until the run is finished (done, failed or cancelled); return its status."""
+    from db.session import session_scope
+
+    deadline = time.monotonic() + timeout
+    status = None
+    while time.monotonic() < deadline:
+        with session_scope(settings) as session:
+            status = session.scalar(select(IngestRun.status).where(IngestRun.id == run_id))
+        if status in (RunStatus.DONE, RunStatus.FAILED, RunStatus.CANCELLED):
+            return str(status)
+        time.sleep(poll)
+    raise TimeoutError(f"run {run_id} still {status} after {timeout}s")

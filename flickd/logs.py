@@ -10,7 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("flickd_log", default={})
+_EMPTY: dict[str, Any] = {}  # never mutated: log_context sets a new dict each time
+_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar(
+    "flickd_log", default=_EMPTY
+)
 
 
 @contextmanager

@@ -12,12 +12,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLICKD_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="FLICKD_", env_nested_delimiter="__", extra="ignore"
+    )
 
     # --- where things live -------------------------------------------------------------------
     data_dir: Path = Path("flickd-data")
@@ -29,6 +31,8 @@ class Settings(BaseSettings):
     # Seconds a delivered, unacknowledged message stays invisible before Redis re-delivers it.
     # Must exceed the longest task (time limits below), or a slow task is run twice.
     visibility_timeout: int = 3600
+    # How often a worker sweeps Redis for messages whose worker died (unacked past the timeout).
+    redelivery_sweep_seconds: int = 30
     task_soft_time_limit: int = 900
     task_time_limit: int = 960
 
@@ -70,6 +74,18 @@ class Settings(BaseSettings):
     # --- misc ----------------------------------------------------------------------------------
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @model_validator(mode="after")
+    def _check_time_limits(self) -> Settings:
+        # A task still running when its message becomes visible again would run twice at once.
+        if self.task_time_limit >= self.visibility_timeout:
+            raise ValueError(
+                f"task_time_limit ({self.task_time_limit}s) must be below visibility_timeout "
+                f"({self.visibility_timeout}s)"
+            )
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError("task_soft_time_limit must be below task_time_limit")
+        return self
 
     @field_validator("allowed_networks", mode="before")
     @classmethod

@@ -14,7 +14,7 @@ from models.build import (
     parameter_counts,
 )
 from models.loading import fingerprint_dir
-from tests.models_fixtures import tiny_models, torch_single_thread  # noqa: F401
+from tests.models_fixtures import tiny_models, torch_single_thread
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -28,7 +28,7 @@ def test_learn_bpe_is_deterministic_and_complete() -> None:
         assert tokenizer.tokenize(word) == [f"{word}</w>"]
 
 
-def test_tiny_models_are_saved_loadable_dirs(tiny_models: dict[str, Path]) -> None:  # noqa: F811
+def test_tiny_models_are_saved_loadable_dirs(tiny_models: dict[str, Path]) -> None:
     detector, clip = tiny_models["detector"], tiny_models["clip"]
     for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
         assert (detector / name).is_file()
@@ -40,7 +40,7 @@ def test_tiny_models_are_saved_loadable_dirs(tiny_models: dict[str, Path]) -> No
     assert 0 < counts["detector"] < 200_000 and 0 < counts["clip"] < 500_000
 
 
-def test_same_seed_same_weights(tiny_models: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_same_seed_same_weights(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     again = build_offline_models(tmp_path / "again", "tiny", seed=0)
     for kind in ("detector", "clip"):
         assert fingerprint_dir(again[kind]) == fingerprint_dir(tiny_models[kind])
@@ -57,7 +57,7 @@ def test_base_spec_matches_the_real_architectures() -> None:
 def test_cli_builds_another_seed(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    tiny_models: dict[str, Path],  # noqa: F811
+    tiny_models: dict[str, Path],
 ) -> None:
     assert main([str(tmp_path / "m"), "--size", "tiny", "--seed", "1"]) == 0
     out = capsys.readouterr().out

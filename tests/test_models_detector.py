@@ -11,7 +11,7 @@ from models.crops import plan_crops
 from models.detector import Detector
 from models.labels import LABELS, label_by_id
 from models.loading import ModelLoadError
-from tests.models_fixtures import (  # noqa: F401
+from tests.models_fixtures import (
     product_photos,
     tiny_detector,
     tiny_models,
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 PHOTOS = product_photos(12, seed=1)
 
 
-def test_detections_are_clamped_kept_and_mapped(tiny_detector: Detector) -> None:  # noqa: F811
+def test_detections_are_clamped_kept_and_mapped(tiny_detector: Detector) -> None:
     results = tiny_detector.detect(PHOTOS)
     assert len(results) == len(PHOTOS)
     # Random weights, but the real forward pass at the production threshold: some items found.
@@ -39,7 +39,7 @@ def test_detections_are_clamped_kept_and_mapped(tiny_detector: Detector) -> None
             assert label.coarse is not None and d.coarse_label == label.coarse.value
 
 
-def test_garment_parts_are_predicted_and_dropped(tiny_detector: Detector) -> None:  # noqa: F811
+def test_garment_parts_are_predicted_and_dropped(tiny_detector: Detector) -> None:
     """The filter is really exercised: the raw model does predict parts above threshold."""
     raw_labels: set[int] = set()
     for image in PHOTOS:
@@ -55,7 +55,7 @@ def test_garment_parts_are_predicted_and_dropped(tiny_detector: Detector) -> Non
     assert detected <= raw_labels
 
 
-def test_batching_matches_one_at_a_time(tiny_detector: Detector) -> None:  # noqa: F811
+def test_batching_matches_one_at_a_time(tiny_detector: Detector) -> None:
     batched = tiny_detector.detect(PHOTOS, batch_size=5)
     assert batched == tiny_detector.detect(PHOTOS, batch_size=5)  # deterministic
     single = [tiny_detector.detect([im])[0] for im in PHOTOS]
@@ -67,7 +67,7 @@ def test_batching_matches_one_at_a_time(tiny_detector: Detector) -> None:  # noq
             assert da.box == pytest.approx(db.box, abs=1e-2)
 
 
-def test_threshold(tiny_detector: Detector) -> None:  # noqa: F811
+def test_threshold(tiny_detector: Detector) -> None:
     loose = tiny_detector.detect(PHOTOS, threshold=0.3)
     strict = tiny_detector.detect(PHOTOS, threshold=0.7)
     assert sum(map(len, loose)) > sum(map(len, strict))
@@ -76,7 +76,7 @@ def test_threshold(tiny_detector: Detector) -> None:  # noqa: F811
         assert all(d.score > 0.7 for d in hi)
 
 
-def test_detections_feed_crop_planning(tiny_detector: Detector) -> None:  # noqa: F811
+def test_detections_feed_crop_planning(tiny_detector: Detector) -> None:
     for image, dets in zip(PHOTOS, tiny_detector.detect(PHOTOS), strict=True):
         crops = plan_crops(dets, image.size, min_side=16, merge_iou=0.7, feed_category="dress")
         assert crops and len(crops) <= max(1, len(dets))
@@ -86,7 +86,7 @@ def test_detections_feed_crop_planning(tiny_detector: Detector) -> None:  # noqa
             assert all(0 <= v <= 1 for c in crops for v in c.box_norm)
 
 
-def test_greyscale_and_rgba_inputs(tiny_detector: Detector) -> None:  # noqa: F811
+def test_greyscale_and_rgba_inputs(tiny_detector: Detector) -> None:
     image = PHOTOS[0]
     expected = tiny_detector.detect([image])
     assert tiny_detector.detect([image.convert("RGBA")]) == expected
@@ -95,7 +95,7 @@ def test_greyscale_and_rgba_inputs(tiny_detector: Detector) -> None:  # noqa: F8
 
 
 def test_placeholder_label_names_are_replaced(
-    tiny_models: dict[str, Path],  # noqa: F811
+    tiny_models: dict[str, Path],
     tmp_path: Path,
 ) -> None:
     """The hub checkpoint names its classes LABEL_0..LABEL_45; flickd supplies the names."""
@@ -110,7 +110,7 @@ def test_placeholder_label_names_are_replaced(
     assert detector.model.config.id2label[23] == "shoe"
 
 
-def test_wrong_label_space_is_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+def test_wrong_label_space_is_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     model_dir = tmp_path / "other"
     shutil.copytree(tiny_models["detector"], model_dir)
     config_path = model_dir / "config.json"

@@ -9,7 +9,7 @@ import torch
 from models.embedder import Embedder, _projected
 from models.labels import label_by_name
 from models.prompts import make_prompt
-from tests.models_fixtures import (  # noqa: F401
+from tests.models_fixtures import (
     product_photos,
     tiny_embedder,
     tiny_models,
@@ -35,7 +35,7 @@ def _assert_unit_rows(vectors: np.ndarray, n: int, dim: int) -> None:
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
 
-def test_image_embeddings(tiny_embedder: Embedder) -> None:  # noqa: F811
+def test_image_embeddings(tiny_embedder: Embedder) -> None:
     vectors = tiny_embedder.embed_images(PHOTOS)
     _assert_unit_rows(vectors, len(PHOTOS), tiny_embedder.dim)
     assert tiny_embedder.dim == 32
@@ -43,31 +43,31 @@ def test_image_embeddings(tiny_embedder: Embedder) -> None:  # noqa: F811
     assert np.abs(vectors[0] - vectors[1]).max() > 1e-3
 
 
-def test_text_embeddings(tiny_embedder: Embedder) -> None:  # noqa: F811
+def test_text_embeddings(tiny_embedder: Embedder) -> None:
     vectors = tiny_embedder.embed_texts(TEXTS)
     _assert_unit_rows(vectors, len(TEXTS), tiny_embedder.dim)
     assert np.abs(vectors[0] - vectors[1]).max() > 1e-3
 
 
-def test_image_batching_matches_unbatched(tiny_embedder: Embedder) -> None:  # noqa: F811
+def test_image_batching_matches_unbatched(tiny_embedder: Embedder) -> None:
     batched = tiny_embedder.embed_images(PHOTOS, batch_size=4)
     single = np.concatenate([tiny_embedder.embed_images([im]) for im in PHOTOS])
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
-def test_text_batching_matches_unbatched(tiny_embedder: Embedder) -> None:  # noqa: F811
+def test_text_batching_matches_unbatched(tiny_embedder: Embedder) -> None:
     # Padding to the longest text in a batch must not change any text's embedding.
     batched = tiny_embedder.embed_texts(TEXTS, batch_size=4)
     single = np.concatenate([tiny_embedder.embed_texts([t]) for t in TEXTS])
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
-def test_empty_inputs(tiny_embedder: Embedder) -> None:  # noqa: F811
+def test_empty_inputs(tiny_embedder: Embedder) -> None:
     assert tiny_embedder.embed_images([]).shape == (0, tiny_embedder.dim)
     assert tiny_embedder.embed_texts([]).shape == (0, tiny_embedder.dim)
 
 
-def test_mode_conversion(tiny_embedder: Embedder) -> None:  # noqa: F811
+def test_mode_conversion(tiny_embedder: Embedder) -> None:
     image = PHOTOS[0]
     np.testing.assert_allclose(
         tiny_embedder.embed_images([image.convert("RGBA")]),
@@ -76,7 +76,7 @@ def test_mode_conversion(tiny_embedder: Embedder) -> None:  # noqa: F811
     )
 
 
-def test_prompt_words_are_whole_tokens(tiny_embedder: Embedder) -> None:  # noqa: F811
+def test_prompt_words_are_whole_tokens(tiny_embedder: Embedder) -> None:
     """The offline tokenizer's learned merges cover flickd's own prompt vocabulary."""
     tokenizer = tiny_embedder.tokenizer
     prompt = make_prompt(label_by_name("cardigan"), "navy blue", "k:0")
@@ -101,8 +101,8 @@ def test_projected_handles_both_transformers_apis() -> None:
 
 
 def test_model_version_identifies_weights(
-    tiny_embedder: Embedder,  # noqa: F811
-    tiny_models: dict[str, Path],  # noqa: F811
+    tiny_embedder: Embedder,
+    tiny_models: dict[str, Path],
 ) -> None:
     again = Embedder(tiny_models["clip"], device="cpu")
     assert again.model_version == tiny_embedder.model_version

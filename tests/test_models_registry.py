@@ -11,7 +11,7 @@ from flickd.settings import Settings
 from models import registry
 from models.device import DeviceUnavailableError, autocast_context, autocast_dtype, select_device
 from models.loading import ModelLoadError, looks_like_path
-from tests.models_fixtures import tiny_models, torch_single_thread  # noqa: F401
+from tests.models_fixtures import tiny_models, torch_single_thread
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -33,7 +33,7 @@ def _settings(models: dict[str, Path], **overrides: object) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
-def test_loaded_once_per_process(tiny_models: dict[str, Path]) -> None:  # noqa: F811
+def test_loaded_once_per_process(tiny_models: dict[str, Path]) -> None:
     settings = _settings(tiny_models)
     detector = registry.get_detector(settings)
     embedder = registry.get_embedder(settings)
@@ -43,18 +43,18 @@ def test_loaded_once_per_process(tiny_models: dict[str, Path]) -> None:  # noqa:
     assert detector.device == torch.device("cpu")
 
 
-def test_threshold_follows_settings(tiny_models: dict[str, Path]) -> None:  # noqa: F811
+def test_threshold_follows_settings(tiny_models: dict[str, Path]) -> None:
     first = registry.get_detector(_settings(tiny_models, detection_threshold=0.5))
     second = registry.get_detector(_settings(tiny_models, detection_threshold=0.8))
     assert first is second and second is not None and second.threshold == 0.8
 
 
-def test_detection_off(tiny_models: dict[str, Path]) -> None:  # noqa: F811
+def test_detection_off(tiny_models: dict[str, Path]) -> None:
     assert registry.get_detector(_settings(tiny_models, detector_model="none")) is None
     assert registry.get_detector(_settings(tiny_models, detector_model=" None ")) is None
 
 
-def test_forked_child_starts_empty(tiny_models: dict[str, Path]) -> None:  # noqa: F811
+def test_forked_child_starts_empty(tiny_models: dict[str, Path]) -> None:
     settings = _settings(tiny_models)
     parent = registry.get_embedder(settings)
     registry._after_fork_in_child()  # what os.fork() runs in the child
@@ -64,7 +64,7 @@ def test_forked_child_starts_empty(tiny_models: dict[str, Path]) -> None:  # noq
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
-def test_fork_hook_is_registered(tiny_models: dict[str, Path]) -> None:  # noqa: F811
+def test_fork_hook_is_registered(tiny_models: dict[str, Path]) -> None:
     settings = _settings(tiny_models)
     registry.get_detector(settings)
     read, write = os.pipe()

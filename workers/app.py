@@ -23,7 +23,12 @@ def celery_config(settings: Settings) -> dict[str, object]:
     # Redis re-delivers a message that stays unacknowledged longer than visibility_timeout.
     # Celery reads it from the broker and the result-backend transport options; both are set
     # from the one setting so they never disagree.
-    transport = {"visibility_timeout": settings.visibility_timeout}
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        # Sweep for messages of dead workers every N seconds (kombu's default is ~100 s).
+        "unacked_restore_interval": settings.redelivery_sweep_seconds,
+        "unacked_restore_throttle": 1,
+    }
     return {
         "broker_url": settings.broker_url or "memory://",
         "result_backend": settings.result_backend,
@@ -66,10 +71,17 @@ def get_app(settings: Settings | None = None) -> Celery:
         if app is None:
             app = Celery("flickd", set_as_current=False)
             app.conf.update(celery_config(settings))
+            # Tasks read their settings from their app, so an in-process (eager) run uses
+            # exactly the settings the caller passed, not whatever the environment says.
+            app.flickd_settings = settings  # type: ignore[attr-defined]
             _apps[key] = app
         app.set_current()
         app.set_default()
     return app
+
+
+def app_settings(app: Celery) -> Settings:
+    return getattr(app, "flickd_settings", None) or get_settings()
 
 
 app = get_app()

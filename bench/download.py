@@ -1,0 +1,134 @@
+"""Download throughput: N synthetic images from the loopback server with added latency, through
+real `flickd worker -Q download` processes on Postgres + Redis, with 1 and 2 worker processes.
+
+    .venv/bin/python -m bench.download --images 2000 --latency 0.1
+
+Prints images/s per worker count beside the bound that latency and concurrency allow
+(workers × threads / latency) and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import REDIS, flush_redis, machine, scratch_postgres, truncate
+from flickd.procs import celery_worker, spawn
+from flickd.settings import Settings
+from flickd.synthetic.catalog import Catalog, generate_catalog
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _catalog(cache: Path, products: int) -> Catalog:
+    try:
+        return Catalog.load(cache)
+    except (FileNotFoundError, OSError, ValueError):
+        return generate_catalog(cache, products, seed=1, size="full")
+
+
+def _feed(path: Path, base_url: str, names: list[str], n: int, tag: str) -> None:
+    # Distinct URLs (the query differs) over the generated files: every one is a real download.
+    lines = ["product_id,image_url"]
+    lines += [f"p{i // 2},{base_url}/images/{names[i % len(names)]}?r={tag}{i}" for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run(
+    workers: int,
+    threads: int,
+    n: int,
+    settings: Settings,
+    base_url: str,
+    names: list[str],
+    work: Path,
+) -> float:
+    from db.runs import wait_for_run
+    from producer.ingest import ingest
+
+    truncate(settings.database_url or "")
+    flush_redis(REDIS)
+    feed = work / f"feed-{workers}.csv"
+    _feed(feed, base_url, names, n, tag=f"w{workers}-")
+    procs = [
+        celery_worker(
+            settings,
+            "download",
+            concurrency=1,
+            name=f"bench{i}@%h",
+            log_path=work / f"worker-{workers}-{i}.log",
+        )
+        for i in range(workers)
+    ]
+    for proc in procs:
+        proc.__enter__()
+    try:
+        started = time.perf_counter()
+        summary = ingest(feed, settings)
+        wait_for_run(settings, summary.run_id, timeout=600, poll=0.05)
+        elapsed = time.perf_counter() - started
+    finally:
+        for proc in procs:
+            proc.__exit__(None, None, None)
+    return n / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--latency", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=48, help="download threads per process")
+    parser.add_argument("--products", type=int, default=150, help="distinct generated products")
+    parser.add_argument("--workers", default="1,2")
+    args = parser.parse_args()
+    print(machine())
+    work = Path(tempfile.mkdtemp(prefix="flickd-bench-dl-"))
+    catalog = _catalog(Path(tempfile.gettempdir()) / "flickd-bench-catalog", args.products)
+    names = [img.filename for img in catalog.images]
+    sizes = [catalog.image_path(img).stat().st_size for img in catalog.images]
+    print(
+        f"images: {args.images} downloads over {len(names)} generated files, mean "
+        f"{sum(sizes) / len(sizes) / 1024:.0f} KiB; server latency {args.latency * 1000:.0f} ms"
+    )
+    port = _free_port()
+    server_cmd = [
+        sys.executable,
+        "-m",
+        "flickd.synthetic.server",
+        str(catalog.images_dir),
+        "--port",
+        str(port),
+        "--latency",
+        str(args.latency),
+    ]
+    base_url = f"http://127.0.0.1:{port}"
+    with scratch_postgres() as db_url:
+        settings = Settings(
+            database_url=db_url,
+            broker_url=REDIS,
+            data_dir=work / "data",
+            allowed_networks=["127.0.0.0/8"],
+            last_stage="download",
+            download_threads=args.threads,
+            download_batch_size=args.threads,
+        )
+        with spawn(server_cmd, settings, work / "server.log", ready="serving"):
+            for count in [int(w) for w in args.workers.split(",")]:
+                rate = run(count, args.threads, args.images, settings, base_url, names, work)
+                bound = count * args.threads / args.latency
+                print(
+                    f"download workers={count} threads/worker={args.threads}: "
+                    f"{rate:,.0f} images/s  (latency bound {bound:,.0f} images/s)"
+                )
+
+
+if __name__ == "__main__":
+    main()

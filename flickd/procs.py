@@ -1,0 +1,118 @@
+"""Start and stop flickd processes (workers, servers) as local child processes.
+
+Tests, benchmarks and the compose smoke test run the same commands a deployment runs, with the
+settings handed over as ``FLICKD_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from flickd.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment that makes a child process read exactly these settings."""
+    env = {k: v for k, v in (base or os.environ).items() if not k.startswith("FLICKD_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        key = f"FLICKD_{name.upper()}"
+        env[key] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def stop_process_group(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20
+) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=timeout)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def wait_for_log(path: Path, needle: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        if needle in text:
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited early ({proc.returncode}):\n{text[-3000:]}")
+        time.sleep(0.2)
+    raise TimeoutError(f"no {needle!r} after {timeout}s:\n{path.read_text()[-3000:]}")
+
+
+@contextmanager
+def spawn(
+    cmd: Sequence[str],
+    settings: Settings,
+    log_path: Path,
+    ready: str | None,
+    timeout: float = 60,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` in its own process group with ``settings``; stop it at the end."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = settings_env(settings)
+    env.update(extra_env or {})
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            list(cmd),
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        if ready:
+            wait_for_log(log_path, ready, proc, timeout)
+        yield proc
+    finally:
+        stop_process_group(proc)
+
+
+@contextmanager
+def celery_worker(
+    settings: Settings,
+    queues: str = "download",
+    concurrency: int = 2,
+    name: str | None = None,
+    log_path: Path | None = None,
+    extra_args: Sequence[str] = (),
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real ``flickd worker`` process, ready to consume when the block starts."""
+    hostname = name or f"w-{uuid.uuid4().hex[:6]}@%h"
+    log_path = log_path or Path(settings.data_dir) / "logs" / f"worker-{uuid.uuid4().hex[:6]}.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "flickd.cli",
+        "worker",
+        "-Q",
+        queues,
+        "-c",
+        str(concurrency),
+        "-n",
+        hostname,
+        *extra_args,
+    ]
+    with spawn(cmd, settings, log_path, ready="ready") as proc:
+        yield proc

@@ -1,0 +1,368 @@
+"""Producer: read a feed in chunks, record products and images, enqueue downloads.
+
+Per chunk: validated rows (producer/feeds.py) are staged in a temporary table (COPY on
+Postgres), then two set-based ``INSERT … SELECT … ON CONFLICT`` statements record products and
+images; ``RETURNING`` gives the ids of the images that are new, and only those are enqueued,
+in batches, after the chunk's transaction has committed. Ingesting the same feed twice
+therefore creates nothing and enqueues nothing the second time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import (
+    Column,
+    Connection,
+    Float,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from db.schema import Image, ImageState, IngestRun, Product, RejectedRow, RunStatus, utcnow
+from db.session import get_engine, session_scope
+from flickd.settings import Settings
+from producer.feeds import FeedChunk, FeedColumns, FeedError, read_feed, url_hash
+from workers.pipeline import DOWNLOAD_TASK, enqueue, finish_runs
+
+log = logging.getLogger(__name__)
+
+_stage_meta = MetaData()
+STAGE_PRODUCTS = Table(
+    "flickd_stage_products",
+    _stage_meta,
+    Column("external_id", String(512)),
+    Column("title", Text),
+    Column("brand", Text),
+    Column("category", Text),
+    Column("price", Float),
+    Column("attributes", Text),  # JSON text; cast on the way in
+    prefixes=["TEMPORARY"],
+)
+STAGE_IMAGES = Table(
+    "flickd_stage_images",
+    _stage_meta,
+    Column("external_id", String(512)),
+    Column("url", Text),
+    Column("url_hash", String(32)),
+    prefixes=["TEMPORARY"],
+)
+
+
+@dataclass
+class IngestSummary:
+    run_id: int
+    feed: str
+    status: str = RunStatus.RUNNING.value
+    rows_read: int = 0
+    blank_rows: int = 0
+    accepted: int = 0
+    invalid: int = 0
+    invalid_by_reason: Counter[str] = field(default_factory=Counter)
+    duplicates_in_feed: int = 0
+    already_known: int = 0
+    new_images: int = 0
+    enqueued: int = 0
+    messages: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "feed": self.feed,
+            "status": self.status,
+            "rows": self.rows_read,
+            "blank_rows": self.blank_rows,
+            "accepted": self.accepted,
+            "invalid": self.invalid,
+            "invalid_by_reason": dict(self.invalid_by_reason),
+            "duplicates": self.duplicates_in_feed + self.already_known,
+            "duplicates_in_feed": self.duplicates_in_feed,
+            "already_known": self.already_known,
+            "enqueued": self.enqueued,
+            "messages": self.messages,
+            "error": self.error,
+        }
+
+
+def _dialect_insert(conn: Connection):  # type: ignore[no-untyped-def]
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
+def _none_if_nan(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value
+
+
+def _stage(conn: Connection, table: Table, frame: pd.DataFrame) -> None:
+    """Load ``frame`` into a temporary staging table: COPY on Postgres, executemany elsewhere."""
+    conn.execute(table.delete())
+    if frame.empty:
+        return
+    columns = [c.name for c in table.columns]
+    if conn.dialect.name == "postgresql":
+        buffer = io.StringIO()
+        frame[columns].to_csv(buffer, index=False, header=False)
+        raw = conn.connection.driver_connection
+        with raw.cursor() as cursor:  # type: ignore[union-attr]
+            sql = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
+            with cursor.copy(sql) as copy:
+                copy.write(buffer.getvalue())
+        return
+    records = [
+        {c: _none_if_nan(v) for c, v in zip(columns, row, strict=True)}
+        for row in frame[columns].itertuples(index=False, name=None)
+    ]
+    conn.execute(insert(table), records)
+
+
+def _products_frame(images: pd.DataFrame) -> pd.DataFrame:
+    first = images.drop_duplicates("product_id", keep="first")
+    attributes = first["extra"].map(
+        lambda extra: json.dumps(extra, ensure_ascii=False) if extra else None
+    )
+    return pd.DataFrame(
+        {
+            "external_id": first["product_id"].to_numpy(),
+            "title": first["title"].to_numpy(),
+            "brand": first["brand"].to_numpy(),
+            "category": first["category"].to_numpy(),
+            "price": first["price"].astype("float64").to_numpy(),
+            "attributes": attributes.to_numpy(),
+        }
+    )
+
+
+def record_chunk(conn: Connection, run_id: int, catalog: str, images: pd.DataFrame) -> list[int]:
+    """Record the chunk's products and images; return the ids of the images that are new."""
+    if images.empty:
+        return []
+    dialect_insert = _dialect_insert(conn)
+    _stage(conn, STAGE_PRODUCTS, _products_frame(images))
+    _stage(
+        conn,
+        STAGE_IMAGES,
+        pd.DataFrame(
+            {
+                "external_id": images["product_id"].to_numpy(),
+                "url": images["url"].to_numpy(),
+                "url_hash": images["url"].map(url_hash).to_numpy(),
+            }
+        ),
+    )
+    now = utcnow()
+    products = Product.__table__
+    staged = STAGE_PRODUCTS.c
+    attributes = (
+        staged.attributes.cast(Product.attributes.type)
+        if conn.dialect.name == "postgresql"
+        else staged.attributes
+    )
+    product_rows = select(
+        literal(catalog),
+        staged.external_id,
+        staged.title,
+        staged.brand,
+        staged.category,
+        staged.price,
+        attributes,
+        literal(now),
+    ).where(literal(True))  # SQLite needs a WHERE to parse INSERT … SELECT … ON CONFLICT
+    stmt = dialect_insert(products).from_select(
+        [
+            "catalog",
+            "external_id",
+            "title",
+            "brand",
+            "category",
+            "price",
+            "attributes",
+            "created_at",
+        ],
+        product_rows,
+    )
+    # A feed may correct a product's metadata; rewriting unchanged rows would be wasted I/O.
+    changed = (
+        products.c.title.is_distinct_from(stmt.excluded.title)
+        | products.c.brand.is_distinct_from(stmt.excluded.brand)
+        | products.c.category.is_distinct_from(stmt.excluded.category)
+        | products.c.price.is_distinct_from(stmt.excluded.price)
+    )
+    conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["catalog", "external_id"],
+            set_={
+                "title": stmt.excluded.title,
+                "brand": stmt.excluded.brand,
+                "category": stmt.excluded.category,
+                "price": stmt.excluded.price,
+                "attributes": stmt.excluded.attributes,
+            },
+            where=changed,
+        )
+    )
+    images_table = Image.__table__
+    image_rows = (
+        select(
+            products.c.id,
+            STAGE_IMAGES.c.url,
+            STAGE_IMAGES.c.url_hash,
+            literal(run_id),
+            literal(ImageState.QUEUED.value),
+            literal(0),
+            literal(now),
+            literal(now),
+        )
+        .select_from(STAGE_IMAGES)
+        .join(
+            products,
+            (products.c.catalog == catalog)
+            & (products.c.external_id == STAGE_IMAGES.c.external_id),
+        )
+    )
+    stmt = (
+        dialect_insert(images_table)
+        .from_select(
+            [
+                "product_id",
+                "url",
+                "url_hash",
+                "run_id",
+                "state",
+                "attempts",
+                "created_at",
+                "updated_at",
+            ],
+            image_rows,
+        )
+        .on_conflict_do_nothing(index_elements=["product_id", "url_hash"])
+        .returning(images_table.c.id)
+    )
+    return sorted(conn.execute(stmt).scalars())
+
+
+def _record_rejected(conn: Connection, run_id: int, chunk: FeedChunk) -> None:
+    if not chunk.rejected:
+        return
+    conn.execute(
+        insert(RejectedRow.__table__),
+        [
+            {
+                "run_id": run_id,
+                "row_number": r.row_number,
+                "reason": r.reason.value,
+                "detail": r.detail,
+                "raw": r.raw,
+            }
+            for r in chunk.rejected
+        ],
+    )
+
+
+def _save_summary(summary: IngestSummary, settings: Settings, **extra: Any) -> None:
+    with session_scope(settings) as session:
+        session.execute(
+            update(IngestRun)
+            .where(IngestRun.id == summary.run_id)
+            .values(
+                rows_read=summary.rows_read,
+                blank_rows=summary.blank_rows,
+                accepted=summary.accepted,
+                invalid=summary.invalid,
+                invalid_by_reason=dict(summary.invalid_by_reason),
+                duplicates_in_feed=summary.duplicates_in_feed,
+                already_known=summary.already_known,
+                enqueued=summary.enqueued,
+                error=summary.error,
+                **extra,
+            )
+        )
+
+
+def create_run(feed: str, catalog: str, settings: Settings) -> int:
+    with session_scope(settings) as session:
+        run = IngestRun(feed=feed, catalog=catalog, status=RunStatus.RUNNING.value)
+        session.add(run)
+        session.flush()
+        return run.id
+
+
+def ingest(
+    feed: Path,
+    settings: Settings,
+    *,
+    columns: FeedColumns | None = None,
+    catalog: str = "default",
+    fmt: str | None = None,
+    on_progress: Callable[[IngestSummary, int], None] | None = None,
+) -> IngestSummary:
+    """Read ``feed``, record it, enqueue its new images. Returns once everything is enqueued
+    (in embedded mode the tasks have then already run)."""
+    columns = columns or FeedColumns()
+    summary = IngestSummary(run_id=create_run(str(feed), catalog, settings), feed=str(feed))
+    engine = get_engine(settings)
+    try:
+        with engine.connect() as conn:
+            _stage_meta.create_all(conn)
+            conn.commit()
+            chunks = read_feed(
+                feed,
+                columns,
+                chunk_rows=settings.feed_chunk_rows,
+                fmt=fmt,
+                max_url_length=settings.max_url_length,
+            )
+            for chunk in chunks:
+                with conn.begin():
+                    new_ids = record_chunk(conn, summary.run_id, catalog, chunk.images)
+                    _record_rejected(conn, summary.run_id, chunk)
+                _count(summary, chunk, len(new_ids))
+                # Committed above: now the workers may see the rows.
+                summary.messages += enqueue(
+                    DOWNLOAD_TASK, new_ids, settings.download_batch_size, settings
+                )
+                summary.enqueued += len(new_ids)
+                if on_progress:
+                    on_progress(summary, chunk.rows_read)
+            _stage_meta.drop_all(conn)
+            conn.commit()
+    except FeedError as error:
+        summary.status = RunStatus.FAILED.value
+        summary.error = str(error)
+        _save_summary(summary, settings, status=summary.status, finished_at=utcnow())
+        log.warning("feed rejected run_id=%s error=%s", summary.run_id, error)
+        return summary
+    summary.status = RunStatus.ENQUEUED.value
+    _save_summary(summary, settings, status=summary.status, enqueued_at=utcnow())
+    # Workers may all have finished before the producer did; one of us closes the run.
+    if finish_runs([summary.run_id], settings):
+        summary.status = RunStatus.DONE.value
+    log.info("ingest enqueued run_id=%s %s", summary.run_id, summary.to_dict())
+    return summary
+
+
+def _count(summary: IngestSummary, chunk: FeedChunk, new_images: int) -> None:
+    summary.rows_read += chunk.rows_read
+    summary.blank_rows += chunk.blank
+    summary.accepted += len(chunk.images)
+    summary.invalid += len(chunk.rejected)
+    summary.invalid_by_reason.update(r.reason for r in chunk.rejected)
+    summary.duplicates_in_feed += chunk.duplicates
+    summary.already_known += len(chunk.images) - new_images

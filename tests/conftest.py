@@ -1,0 +1,148 @@
+"""Shared fixtures: a fresh Postgres database and Redis db per test session, real Celery worker
+processes, settings for embedded (SQLite) and distributed (Postgres + Redis) modes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from db.migrate import upgrade
+from db.runs import wait_for_run
+from db.session import dispose_engines
+from flickd.procs import ROOT, celery_worker, settings_env, stop_process_group
+from flickd.settings import Settings, reset_settings
+
+__all__ = ["ROOT", "celery_worker", "settings_env", "stop_process_group", "wait_for_run"]
+
+PG_ADMIN_URL = os.environ.get(
+    "FLICKD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_BASE = os.environ.get("FLICKD_TEST_REDIS", "redis://127.0.0.1:6379")
+
+# Tests must never reach the network beyond loopback, nor a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+FLICKD_ENV_KEYS = [
+    k for k in os.environ if k.startswith("FLICKD_") and not k.startswith("FLICKD_TEST")
+]
+for _key in FLICKD_ENV_KEYS:  # a developer's own settings must not leak into tests
+    del os.environ[_key]
+
+
+def _pg_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL.replace("+psycopg", ""), connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+def _redis_available() -> bool:
+    try:
+        import redis
+
+        return bool(redis.Redis.from_url(REDIS_BASE, socket_connect_timeout=3).ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh Postgres database, migrated to head, dropped at the end."""
+    if not _pg_available():
+        pytest.fail("Postgres is not reachable at 127.0.0.1:5432 (start it: see .ci/run)")
+    import psycopg
+
+    name = f"flickd_test_{uuid.uuid4().hex[:10]}"
+    admin = PG_ADMIN_URL.replace("+psycopg", "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    upgrade(Settings(database_url=url))
+    yield url
+    dispose_engines()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis database number of its own, flushed before and after."""
+    if not _redis_available():
+        pytest.fail("Redis is not reachable at 127.0.0.1:6379 (start it: see .ci/run)")
+    import redis
+
+    db_number = 1 + (os.getpid() % 14)
+    url = f"{REDIS_BASE}/{db_number}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+
+def _truncate_all(url: str) -> None:
+    from sqlalchemy import text
+
+    from db.schema import Base
+    from db.session import get_engine
+
+    engine = get_engine(Settings(database_url=url))
+    tables = ", ".join(t.name for t in reversed(Base.metadata.sorted_tables))
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture()
+def pg_settings(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[Settings]:
+    """Distributed-mode settings against the session's Postgres and Redis, clean tables."""
+    import redis
+
+    _truncate_all(pg_url)
+    redis.Redis.from_url(redis_url).flushdb()
+    settings = Settings(
+        database_url=pg_url,
+        broker_url=redis_url,
+        data_dir=tmp_path / "data",
+        allowed_networks=["127.0.0.0/8"],
+        **FAST_DOWNLOADS,
+    )
+    yield settings
+
+
+@pytest.fixture()
+def embedded_settings(tmp_path: Path) -> Iterator[Settings]:
+    """Embedded-mode settings: SQLite under tmp_path, tasks in-process."""
+    settings = Settings(
+        data_dir=tmp_path / "data", allowed_networks=["127.0.0.0/8"], **FAST_DOWNLOADS
+    )
+    upgrade(settings)
+    yield settings
+
+
+# Short timeouts and backoff so failure paths finish in a test's time.
+FAST_DOWNLOADS = {
+    "connect_timeout": 1.0,
+    "read_timeout": 1.0,
+    "download_deadline": 3.0,
+    "backoff_base": 0.05,
+    "backoff_max": 0.3,
+    "max_retry_after": 2.0,
+    "max_download_bytes": 2 * 1024 * 1024,
+    "download_batch_size": 8,
+    "download_threads": 8,
+    "last_stage": "download",
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings_cache() -> Iterator[None]:
+    reset_settings()
+    yield
+    reset_settings()

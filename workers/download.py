@@ -1,0 +1,203 @@
+"""Download stage: fetch a batch of images concurrently, validate, store, record the outcome.
+
+One Celery message carries a batch of image ids; inside the task a thread pool fetches them
+(downloading is I/O-bound, so threads, not processes, give the concurrency). Every image ends
+in exactly one state: ``downloaded`` or ``failed`` with a reason. The batch's outcomes are
+committed together, each guarded by ``state = 'queued'``, so a re-delivered batch (after a
+worker was killed) finishes what is left and rewrites nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import requests
+from sqlalchemy import bindparam, select, update
+
+from db.schema import Image, ImageState, utcnow
+from db.session import session_scope
+from flickd.blobstore import BlobStore
+from flickd.logs import log_context
+from flickd.settings import Settings
+from workers.errors import FailureReason, ImageFailure
+from workers.fetch import fetch, make_session
+from workers.imaging import decode_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DownloadOutcome:
+    image_id: int
+    run_id: int | None
+    attempts: int
+    blob_key: str | None = None
+    width: int | None = None
+    height: int | None = None
+    reason: FailureReason | None = None
+    detail: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+class _ProcessResources:
+    """A pooled HTTP session and thread pool per process (never shared across a fork)."""
+
+    _lock = threading.Lock()
+    _pid: int | None = None
+    _session: requests.Session | None = None
+    _pool: ThreadPoolExecutor | None = None
+    _key: tuple[object, ...] | None = None
+
+    @classmethod
+    def get(cls, settings: Settings) -> tuple[requests.Session, ThreadPoolExecutor]:
+        key = (os.getpid(), settings.download_threads, tuple(settings.allowed_networks))
+        with cls._lock:
+            if cls._key != key:
+                cls._session = make_session(settings)
+                cls._pool = ThreadPoolExecutor(
+                    max_workers=settings.download_threads, thread_name_prefix="download"
+                )
+                cls._key = key
+            assert cls._session is not None and cls._pool is not None
+            return cls._session, cls._pool
+
+
+def download_one(
+    image_id: int,
+    run_id: int | None,
+    url: str,
+    settings: Settings,
+    session: requests.Session,
+    blobs: BlobStore,
+) -> DownloadOutcome:
+    """Fetch, validate and store one image; never raises."""
+    with log_context(image_id=image_id, run_id=run_id):
+        attempts = 1
+        try:
+            fetched = fetch(url, session, settings)
+            attempts = fetched.attempts
+            decoded = decode_image(fetched.content, settings.max_image_pixels)
+            key = blobs.put(fetched.content)
+            return DownloadOutcome(
+                image_id,
+                run_id,
+                attempts,
+                blob_key=key,
+                width=decoded.width,
+                height=decoded.height,
+            )
+        except ImageFailure as failure:
+            attempts = getattr(failure, "attempts", attempts)
+            log.info("image failed reason=%s detail=%s", failure.reason.value, failure.detail)
+            return DownloadOutcome(
+                image_id, run_id, attempts, reason=failure.reason, detail=failure.detail
+            )
+        except Exception as error:  # a bug must not take the rest of the batch down
+            log.exception("unexpected error downloading image")
+            return DownloadOutcome(
+                image_id,
+                run_id,
+                attempts,
+                reason=FailureReason.INTERNAL_ERROR,
+                detail=f"{type(error).__name__}: {error}",
+            )
+
+
+def claim_queued(image_ids: list[int], settings: Settings) -> list[tuple[int, int | None, str]]:
+    """The images of this batch that still need downloading (a re-delivery skips done ones)."""
+    with session_scope(settings) as session:
+        rows = session.execute(
+            select(Image.id, Image.run_id, Image.url).where(
+                Image.id.in_(image_ids), Image.state == ImageState.QUEUED.value
+            )
+        ).all()
+    return [(row.id, row.run_id, row.url) for row in rows]
+
+
+def record_outcomes(outcomes: list[DownloadOutcome], settings: Settings) -> None:
+    """Write the batch's outcomes in one transaction, each only if the image is still queued."""
+    now = utcnow()
+    ok = [o for o in outcomes if o.ok]
+    bad = [o for o in outcomes if not o.ok]
+    with session_scope(settings) as session:
+        conn = session.connection()
+        table = Image.__table__
+        guard = (table.c.id == bindparam("b_id")) & (table.c.state == ImageState.QUEUED.value)
+        if ok:
+            conn.execute(
+                update(table)
+                .where(guard)
+                .values(
+                    state=ImageState.DOWNLOADED.value,
+                    blob_key=bindparam("b_key"),
+                    content_hash=bindparam("b_key"),
+                    width=bindparam("b_w"),
+                    height=bindparam("b_h"),
+                    attempts=table.c.attempts + bindparam("b_attempts"),
+                    failure_reason=None,
+                    failure_detail=None,
+                    downloaded_at=now,
+                    updated_at=now,
+                ),
+                [
+                    {
+                        "b_id": o.image_id,
+                        "b_key": o.blob_key,
+                        "b_w": o.width,
+                        "b_h": o.height,
+                        "b_attempts": o.attempts,
+                    }
+                    for o in ok
+                ],
+            )
+        if bad:
+            conn.execute(
+                update(table)
+                .where(guard)
+                .values(
+                    state=ImageState.FAILED.value,
+                    failure_reason=bindparam("b_reason"),
+                    failure_detail=bindparam("b_detail"),
+                    attempts=table.c.attempts + bindparam("b_attempts"),
+                    updated_at=now,
+                ),
+                [
+                    {
+                        "b_id": o.image_id,
+                        "b_reason": o.reason.value if o.reason else None,
+                        "b_detail": o.detail,
+                        "b_attempts": o.attempts,
+                    }
+                    for o in bad
+                ],
+            )
+
+
+def download_batch(image_ids: list[int], settings: Settings) -> list[DownloadOutcome]:
+    """Download every still-queued image of the batch and record each outcome."""
+    todo = claim_queued(image_ids, settings)
+    if not todo:
+        return []
+    session, pool = _ProcessResources.get(settings)
+    blobs = BlobStore(settings.blob_dir)
+    started = time.perf_counter()
+    outcomes = list(
+        pool.map(lambda row: download_one(row[0], row[1], row[2], settings, session, blobs), todo)
+    )
+    record_outcomes(outcomes, settings)
+    log.info(
+        "download batch done images=%d ok=%d failed=%d seconds=%.2f",
+        len(outcomes),
+        sum(o.ok for o in outcomes),
+        sum(not o.ok for o in outcomes),
+        time.perf_counter() - started,
+    )
+    return outcomes

@@ -1,0 +1,356 @@
+"""Vision stage (queue ``gpu``): decode → detect → crop → colour → prompt → embed → write.
+
+One task handles a batch of downloaded images. Detection runs on the whole batch and all crops
+of the batch are embedded together, so the models see full batches. An image that cannot be
+decoded, or breaks analysis, fails alone with a reason; the rest of the batch completes. A CUDA
+out-of-memory halves the batch and carries on. Crops and embeddings are written with
+``ON CONFLICT DO NOTHING`` and the image state moves ``downloaded → analyzed`` under a guard,
+all in one transaction, so a re-delivered batch writes nothing twice.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+from sqlalchemy import Connection, bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from db.schema import Crop as CropRow
+from db.schema import Embedding, Image, ImageState, ModelVersion, Product, utcnow
+from db.session import session_scope
+from flickd.blobstore import BlobStore
+from flickd.logs import log_context
+from flickd.settings import Settings
+from models import registry
+from models.colour import dominant_colour
+from models.crops import Crop, crop_image, plan_crops
+from models.labels import label_by_name
+from models.prompts import crop_key, make_prompt
+from workers.errors import FailureReason, ImageFailure
+from workers.imaging import decode_image
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CROP_JPEG_QUALITY = 90
+
+
+@dataclass
+class _Item:
+    """One image on its way through the stage."""
+
+    image_id: int
+    run_id: int | None
+    content_hash: str
+    category: str | None
+    pixels: PILImage.Image | None = None
+    crops: list[Crop] = field(default_factory=list)
+    crop_pixels: list[PILImage.Image] = field(default_factory=list)
+    crop_rows: list[dict[str, Any]] = field(default_factory=list)
+    failure: ImageFailure | None = None
+
+
+@dataclass
+class AnalyzeReport:
+    run_ids: set[int | None] = field(default_factory=set)
+    analyzed: int = 0
+    failed: int = 0
+    crops: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+def halving_on_oom(
+    fn: Callable[[Sequence[Any]], list[T]], items: Sequence[Any], batch_size: int
+) -> list[T]:
+    """``fn`` over ``items`` in batches; on CUDA out-of-memory, halve the batch and go on."""
+    results: list[T] = []
+    start = 0
+    size = max(1, batch_size)
+    while start < len(items):
+        try:
+            results.extend(fn(items[start : start + size]))
+            start += size
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            size //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("CUDA out of memory: batch size now %d", size)
+    return results
+
+
+def _load_batch(image_ids: list[int], settings: Settings) -> list[_Item]:
+    with session_scope(settings) as session:
+        rows = session.execute(
+            select(Image.id, Image.run_id, Image.blob_key, Product.category)
+            .join(Product, Product.id == Image.product_id)
+            .where(Image.id.in_(image_ids), Image.state == ImageState.DOWNLOADED.value)
+            .order_by(Image.id)
+        ).all()
+    return [_Item(r.id, r.run_id, r.blob_key, r.category) for r in rows]
+
+
+def _decode(items: list[_Item], blobs: BlobStore, settings: Settings) -> None:
+    for item in items:
+        try:
+            item.pixels = decode_image(
+                blobs.get(item.content_hash), settings.max_image_pixels
+            ).image
+        except ImageFailure as failure:
+            item.failure = failure
+        except Exception as error:  # a missing blob, a bug: this image only
+            item.failure = ImageFailure(
+                FailureReason.CORRUPT_IMAGE, f"{type(error).__name__}: {error}"
+            )
+
+
+def _detect(items: list[_Item], settings: Settings) -> list[Any] | None:
+    """Detections per live item (None when detection is off)."""
+    detector = registry.get_detector(settings)
+    if detector is None:
+        return None
+    images = [item.pixels for item in items]
+    try:
+        return halving_on_oom(detector.detect, images, settings.analyze_batch_size)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:
+        # One pathological image must not sink the batch: find it by detecting one at a time.
+        log.exception("batch detection failed; retrying image by image")
+    results: list[Any] = []
+    for item in items:
+        try:
+            results.append(detector.detect([item.pixels])[0])
+        except Exception as error:
+            item.failure = ImageFailure(
+                FailureReason.ANALYSIS_ERROR, f"detection: {type(error).__name__}: {error}"
+            )
+            results.append([])
+    return results
+
+
+def _plan(item: _Item, detections: Any, blobs: BlobStore, settings: Settings) -> None:
+    """Crops, colours and prompts of one image (and the crop JPEGs in the blob store)."""
+    assert item.pixels is not None
+    item.crops = plan_crops(
+        detections,
+        item.pixels.size,
+        min_side=settings.min_crop_side,
+        merge_iou=settings.crop_merge_iou,
+        feed_category=item.category,
+    )
+    for index, crop in enumerate(item.crops):
+        pixels = crop_image(item.pixels, crop)
+        colour = dominant_colour(pixels)
+        label = label_by_name(crop.fine_label) if crop.fine_label else None
+        prompt = make_prompt(label, colour.name, crop_key(item.content_hash, index))
+        buffer = io.BytesIO()
+        pixels.save(buffer, format="JPEG", quality=CROP_JPEG_QUALITY)
+        x0, y0, x1, y1 = crop.box
+        nx0, ny0, nx1, ny1 = crop.box_norm
+        item.crop_pixels.append(pixels)
+        item.crop_rows.append(
+            {
+                "image_id": item.image_id,
+                "crop_index": index,
+                "x0": x0,
+                "y0": y0,
+                "x1": x1,
+                "y1": y1,
+                "nx0": nx0,
+                "ny0": ny0,
+                "nx1": nx1,
+                "ny1": ny1,
+                "score": crop.score,
+                "fine_label": crop.fine_label,
+                "coarse_label": crop.coarse_label,
+                "whole_image": crop.whole_image,
+                "colour_name": colour.name,
+                "colour_rgb": "#{:02x}{:02x}{:02x}".format(*colour.rgb),
+                "prompt": prompt,
+                "blob_key": blobs.put(buffer.getvalue()),
+            }
+        )
+
+
+def _insert(conn: Connection):  # type: ignore[no-untyped-def]
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
+def embedder_version_id(conn: Connection, name: str, version: str) -> int:
+    """The model_versions row of this embedder (created on first sight; the first one is
+    active, so a fresh catalog has something to search)."""
+    table = ModelVersion.__table__
+    has_active = conn.scalar(
+        select(table.c.id).where(table.c.kind == "embedder", table.c.active.is_(True)).limit(1)
+    )
+    conn.execute(
+        _insert(conn)(table)
+        .values(
+            kind="embedder",
+            name=name,
+            version=version,
+            active=has_active is None,
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["kind", "version"])
+    )
+    return conn.scalar(
+        select(table.c.id).where(table.c.kind == "embedder", table.c.version == version)
+    )
+
+
+def _write(
+    items: list[_Item],
+    vectors: np.ndarray,
+    embedder: Any,
+    detector_version: str | None,
+    settings: Settings,
+) -> None:
+    now = utcnow()
+    good = [item for item in items if item.failure is None]
+    bad = [item for item in items if item.failure is not None]
+    with session_scope(settings) as session:
+        conn = session.connection()
+        version_id = embedder_version_id(conn, embedder.name_or_dir, embedder.model_version)
+        rows = [
+            dict(row, detector_version=detector_version, created_at=now)
+            for item in good
+            for row in item.crop_rows
+        ]
+        if rows:
+            conn.execute(
+                _insert(conn)(CropRow.__table__).on_conflict_do_nothing(
+                    index_elements=["image_id", "crop_index"]
+                ),
+                rows,
+            )
+            crops = CropRow.__table__
+            ids = {
+                (r.image_id, r.crop_index): r.id
+                for r in conn.execute(
+                    select(crops.c.id, crops.c.image_id, crops.c.crop_index).where(
+                        crops.c.image_id.in_([item.image_id for item in good])
+                    )
+                )
+            }
+            conn.execute(
+                _insert(conn)(Embedding.__table__).on_conflict_do_nothing(
+                    index_elements=["crop_id", "model_version_id"]
+                ),
+                [
+                    {
+                        "crop_id": ids[(row["image_id"], row["crop_index"])],
+                        "model_version_id": version_id,
+                        "dim": int(vector.shape[0]),
+                        "vector": vector.astype("<f4").tobytes(),
+                        "created_at": now,
+                    }
+                    for row, vector in zip(rows, vectors, strict=True)
+                ],
+            )
+        images = Image.__table__
+        guard = (images.c.id == bindparam("b_id")) & (images.c.state == ImageState.DOWNLOADED.value)
+        if good:
+            conn.execute(
+                update(images)
+                .where(guard)
+                .values(state=ImageState.ANALYZED.value, analyzed_at=now, updated_at=now),
+                [{"b_id": item.image_id} for item in good],
+            )
+        if bad:
+            conn.execute(
+                update(images)
+                .where(guard)
+                .values(
+                    state=ImageState.FAILED.value,
+                    failure_reason=bindparam("b_reason"),
+                    failure_detail=bindparam("b_detail"),
+                    updated_at=now,
+                ),
+                [
+                    {
+                        "b_id": item.image_id,
+                        "b_reason": item.failure.reason.value,
+                        "b_detail": item.failure.detail,
+                    }
+                    for item in bad
+                    if item.failure
+                ],
+            )
+
+
+def analyze_batch(image_ids: list[int], settings: Settings) -> AnalyzeReport:
+    """Analyse every still-``downloaded`` image of the batch; return what happened."""
+    report = AnalyzeReport()
+    clock = time.perf_counter
+    items = _load_batch(image_ids, settings)
+    report.run_ids = {item.run_id for item in items}
+    if not items:
+        return report
+    blobs = BlobStore(settings.blob_dir)
+
+    started = clock()
+    _decode(items, blobs, settings)
+    report.seconds["decode"] += clock() - started
+
+    live = [item for item in items if item.failure is None]
+    started = clock()
+    detections = _detect(live, settings) if live else []
+    report.seconds["detect"] += clock() - started
+
+    started = clock()
+    for index, item in enumerate(live):
+        if item.failure is not None:
+            continue
+        with log_context(image_id=item.image_id):
+            try:
+                _plan(item, None if detections is None else detections[index], blobs, settings)
+            except Exception as error:
+                log.exception("analysis failed")
+                item.failure = ImageFailure(
+                    FailureReason.ANALYSIS_ERROR, f"{type(error).__name__}: {error}"
+                )
+    report.seconds["crop_colour"] += clock() - started
+
+    started = clock()
+    embedder = registry.get_embedder(settings)
+    good = [item for item in items if item.failure is None]
+    pixels = [p for item in good for p in item.crop_pixels]
+    chunks = (
+        halving_on_oom(
+            lambda batch: [embedder.embed_images(batch)], pixels, settings.analyze_batch_size * 4
+        )
+        if pixels
+        else []
+    )
+    vectors = np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), np.float32)
+    report.seconds["embed"] += clock() - started
+
+    started = clock()
+    detector = registry.get_detector(settings)
+    _write(items, vectors, embedder, detector.model_version if detector else None, settings)
+    report.seconds["write"] += clock() - started
+
+    report.analyzed = len(good)
+    report.failed = len(items) - len(good)
+    report.crops = len(pixels)
+    log.info(
+        "analyze batch done images=%d analyzed=%d failed=%d crops=%d %s",
+        len(items),
+        report.analyzed,
+        report.failed,
+        report.crops,
+        " ".join(f"{k}_s={v:.3f}" for k, v in report.seconds.items()),
+    )
+    return report
