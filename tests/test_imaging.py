@@ -210,3 +210,37 @@ def test_decoding_from_many_threads() -> None:
 )
 def test_sniff_format(data: bytes, name: str | None) -> None:
     assert sniff_format(data) == name
+
+
+# --- validate_image: the download stage's cheaper check must agree with decode_image --------
+@pytest.mark.parametrize(
+    "make",
+    [
+        faults.truncated_jpeg,
+        faults.decompression_bomb_png,
+        faults.html_page,
+        faults.ico_image,
+        lambda: b"",
+    ],
+)
+def test_validate_image_rejects_what_decode_rejects(make):
+    from workers.imaging import validate_image
+
+    data = make()
+    with pytest.raises(ImageFailure) as decoded:
+        decode_image(data, 50_000_000)
+    with pytest.raises(ImageFailure) as validated:
+        validate_image(data, 50_000_000)
+    assert validated.value.reason == decoded.value.reason
+
+
+@pytest.mark.parametrize(
+    "make", [faults.exif_rotated_jpeg, faults.cmyk_jpeg, faults.png16, faults.animated_gif]
+)
+def test_validate_image_sizes_match_decode(make):
+    from workers.imaging import validate_image
+
+    data = make()
+    full = decode_image(data, 50_000_000)
+    info = validate_image(data, 50_000_000)
+    assert (info.format, info.width, info.height) == (full.format, full.width, full.height)

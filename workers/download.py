@@ -26,7 +26,7 @@ from flickd.logs import log_context
 from flickd.settings import Settings
 from workers.errors import FailureReason, ImageFailure
 from workers.fetch import fetch, make_session
-from workers.imaging import decode_image
+from workers.imaging import validate_image
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def download_one(
         try:
             fetched = fetch(url, session, settings)
             attempts = fetched.attempts
-            decoded = decode_image(fetched.content, settings.max_image_pixels)
+            decoded = validate_image(fetched.content, settings.max_image_pixels)
             key = blobs.put(fetched.content)
             return DownloadOutcome(
                 image_id,

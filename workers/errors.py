@@ -25,8 +25,14 @@ class FailureReason(StrEnum):
 class ImageFailure(Exception):
     """An image cannot be processed. ``retryable`` says whether trying again may help."""
 
-    def __init__(self, reason: FailureReason, detail: str = "", *, retryable: bool = False,
-                 retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        reason: FailureReason,
+        detail: str = "",
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
         self.detail = detail[:1000]

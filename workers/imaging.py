@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from workers.errors import FailureReason, ImageFailure
 
@@ -94,6 +94,37 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
         upright = _exif_transpose(im)
     rgb = to_rgb(upright)
     return DecodedImage(image=rgb, format=fmt, width=rgb.width, height=rgb.height)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int  # upright, after EXIF orientation
+    height: int
+
+
+def validate_image(data: bytes, max_pixels: int) -> ImageInfo:
+    """The checks of ``decode_image`` at a fraction of the cost, for the download stage.
+
+    JPEGs are decoded at 1/8 scale (``draft``): libjpeg still reads every entropy-coded byte,
+    so a truncated or corrupt file fails just the same, but the inverse DCT and colour
+    conversion, most of the CPU time, shrink 64-fold. Nothing is converted to RGB.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False")
+    if not data:
+        raise ImageFailure(FailureReason.NOT_AN_IMAGE, "empty body")
+    with _open(data) as im:
+        _check_size(im, max_pixels)
+        width, height = im.size
+        orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+        if im.format in ("JPEG", "MPO"):
+            im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+        _load(im)
+        fmt = str(im.format)
+    if orientation in (5, 6, 7, 8):  # rotated a quarter turn: upright width is stored height
+        width, height = height, width
+    return ImageInfo(format=fmt, width=width, height=height)
 
 
 def _open(data: bytes) -> Image.Image:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-27 14:56:25.911732
+Create Date: 2026-11-27 15:22:25.258436
 
 """
 
@@ -110,19 +110,11 @@ def upgrade() -> None:
             name=op.f("fk_images_product_id_products"),
             ondelete="CASCADE",
         ),
-        sa.ForeignKeyConstraint(
-            ["run_id"],
-            ["ingest_runs.id"],
-            name=op.f("fk_images_run_id_ingest_runs"),
-            ondelete="SET NULL",
-        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_images")),
         sa.UniqueConstraint("product_id", "url_hash", name=op.f("uq_images_product_id_url_hash")),
     )
     with op.batch_alter_table("images", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_images_content_hash"), ["content_hash"], unique=False)
         batch_op.create_index("ix_images_run_state", ["run_id", "state"], unique=False)
-        batch_op.create_index(batch_op.f("ix_images_state"), ["state"], unique=False)
 
     op.create_table(
         "index_builds",
@@ -242,9 +234,7 @@ def downgrade() -> None:
     op.drop_table("rejected_rows")
     op.drop_table("index_builds")
     with op.batch_alter_table("images", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_images_state"))
         batch_op.drop_index("ix_images_run_state")
-        batch_op.drop_index(batch_op.f("ix_images_content_hash"))
 
     op.drop_table("images")
     op.drop_table("products")
