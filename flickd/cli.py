@@ -343,5 +343,63 @@ def worker(
     get_app(settings).worker_main(argv)
 
 
+@main.command()
+@click.argument("product_id")
+@click.option("--catalog", default="default", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def show(product_id: str, catalog: str, as_json: bool) -> None:
+    """A product's images and crops: label, colour, prompt, score, box."""
+    from db.products import product_details
+    from db.session import session_scope
+
+    settings = _settings()
+    _ensure_schema(settings)
+    with session_scope(settings) as session:
+        details = product_details(session, product_id, catalog)
+    if details is None:
+        raise click.ClickException(f"no product {product_id!r} in catalog {catalog!r}")
+    if as_json:
+        _echo_json(details)
+        return
+    click.echo(
+        f"{details['product_id']}: {details['title'] or ''}  "
+        f"[{details['brand'] or '-'} / {details['category'] or '-'}]"
+    )
+    for image in details["images"]:
+        size = f"{image['width']}x{image['height']}" if image["width"] else ""
+        reason = (
+            f" {image['failure_reason']}: {image['failure_detail']}"
+            if image["failure_reason"]
+            else ""
+        )
+        click.echo(f"  image {image['image_id']} {image['state']} {size} {image['url']}{reason}")
+        for crop in image["crops"]:
+            box = ",".join(f"{v:.0f}" for v in crop["box"])
+            score = f"{crop['score']:.2f}" if crop["score"] is not None else "whole"
+            click.echo(
+                f"    #{crop['index']} {crop['fine_label'] or '?'} ({crop['coarse_label'] or '?'})"
+                f" {crop['colour']} {crop['colour_rgb']} score={score} box={box}"
+            )
+            click.echo(f'       "{crop["prompt"]}"')
+
+
+@main.group()
+def models() -> None:
+    """ML models."""
+
+
+@models.command("build")
+@click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--size", type=click.Choice(["tiny", "base"]), default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def models_build(out_dir: Path, size: str, seed: int) -> None:
+    """Build offline detector and CLIP models (seeded random weights) into OUT_DIR."""
+    from models.build import build_offline_models
+
+    paths = build_offline_models(out_dir, size, seed)  # type: ignore[arg-type]
+    click.echo(f"FLICKD_DETECTOR_MODEL={paths['detector']}")
+    click.echo(f"FLICKD_EMBEDDING_MODEL={paths['clip']}")
+
+
 if __name__ == "__main__":
     main()

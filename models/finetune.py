@@ -73,6 +73,14 @@ class TrainConfig:
     train_logit_scale: bool = True
     eval_batch_size: int = 64
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2: a contrastive batch needs negatives")
+        if self.epochs < 0 or (self.max_steps is not None and self.max_steps < 0):
+            raise ValueError("epochs and max_steps must be >= 0")
+        if self.lr < 0 or not 0.0 <= self.warmup_fraction <= 1.0:
+            raise ValueError("lr must be >= 0 and warmup_fraction in [0, 1]")
+
 
 @dataclass(frozen=True)
 class PromotionRule:
@@ -208,13 +216,25 @@ def split_by_product(
     return train, evaluation
 
 
+def _codes(values: Sequence[object]) -> np.ndarray:
+    """Equal values, equal integer codes: comparisons of codes are cheap matrix operations."""
+    return np.unique(np.asarray(values, dtype=object), return_inverse=True)[1].reshape(-1)
+
+
 def same_description(descriptions: Sequence[str]) -> np.ndarray:
     """(n, n) bool: ``[i, j]`` when pairs i and j describe the same thing (diagonal included)."""
-    codes = np.unique(np.asarray(descriptions, dtype=object), return_inverse=True)[1]
+    codes = _codes(descriptions)
     return codes[:, None] == codes[None, :]
 
 
 # --- evaluation -----------------------------------------------------------------------------------
+# Queries are ranked this many at a time, so a 20k-crop held-out set needs 1024 x 20k score and
+# relevance matrices, not 20k x 20k.
+QUERY_CHUNK = 1024
+# Crops decoded and embedded at a time during evaluation (bounds the PIL images held in memory).
+EVAL_IMAGE_CHUNK = 256
+
+
 class Encoder(Protocol):
     """What evaluation needs: :class:`Embedder` and the in-training model both provide it."""
 
@@ -223,17 +243,21 @@ class Encoder(Protocol):
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-def _recall_at(ranked_relevant: np.ndarray, k: int) -> float:
-    """Share of queries with at least one relevant item among the top k (CLIP's R@k: a search
-    succeeds when the user sees *a* right answer, however many more there are)."""
-    return float(ranked_relevant[:, :k].any(axis=1).mean())
-
-
-def _ranked_relevance(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """``relevant`` re-ordered per row by descending score (stable, so ties keep gallery order
-    and a constant model cannot look better than chance by luck of the sort)."""
+def _first_hit_ranks(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """Per query row, the 0-based rank of its best-ranked relevant item (the gallery size when
+    there is none). The sort is stable, so ties keep gallery order: a model that scores
+    everything alike cannot look better than chance by luck of the sort."""
     order = np.argsort(-scores, axis=1, kind="stable")
-    return np.take_along_axis(relevant, order, axis=1)
+    ranked = np.take_along_axis(relevant, order, axis=1)
+    return np.where(ranked.any(axis=1), ranked.argmax(axis=1), scores.shape[1])
+
+
+def _recalls(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float | None]:
+    """Share of queries with a relevant item in the top k: CLIP's R@k, where a search succeeds
+    when *a* right answer is shown, however many more there are."""
+    if ranks.size == 0:
+        return {f"recall@{k}": None for k in ks}
+    return {f"recall@{k}": float((ranks < k).mean()) for k in ks}
 
 
 def text_to_image_recall(
@@ -243,20 +267,21 @@ def text_to_image_recall(
     descriptions: Sequence[str],
     ks: Sequence[int] = RECALL_KS,
 ) -> dict[str, Any]:
-    """Queries are the *distinct* prompt texts (a prompt shared by many crops is asked once);
-    the gallery is every crop; a crop is relevant to a query when it has the same description as
-    a crop the query was written for. ``text_vectors[i]`` embeds ``texts[i]``, the prompt of crop
-    ``i``; recall@k is the share of queries with a relevant crop in the top k."""
+    """Queries are the *distinct* prompt texts (a prompt shared by many crops is asked once, so
+    common items do not dominate); the gallery is every crop; a crop is relevant to a query when
+    its description equals that of the crop(s) the query was written for, whatever template
+    either used. ``text_vectors[i]`` embeds ``texts[i]``, the prompt of crop ``i``."""
     first: dict[str, int] = {}
     for i, text in enumerate(texts):
         first.setdefault(text, i)
     rows = np.fromiter(first.values(), dtype=np.int64, count=len(first))
-    if rows.size == 0:
-        return {**{f"recall@{k}": None for k in ks}, "queries": 0, "gallery": len(descriptions)}
-    relevant = same_description(descriptions)[rows]
-    ranked = _ranked_relevance(text_vectors[rows] @ image_vectors.T, relevant)
+    codes = _codes(descriptions)
+    ranks = [
+        _first_hit_ranks(text_vectors[q] @ image_vectors.T, codes[q, None] == codes[None, :])
+        for q in np.array_split(rows, max(1, math.ceil(rows.size / QUERY_CHUNK)))
+    ]
     return {
-        **{f"recall@{k}": _recall_at(ranked, k) for k in ks},
+        **_recalls(np.concatenate(ranks), ks),
         "queries": int(rows.size),
         "gallery": len(descriptions),
     }
@@ -266,28 +291,33 @@ def image_to_image_recall(
     image_vectors: np.ndarray, product_ids: Sequence[int], ks: Sequence[int] = RECALL_KS
 ) -> dict[str, Any]:
     """Each crop whose product has another crop queries the gallery of all *other* crops; the
-    relevant ones are its product's other crops (other views of the same item)."""
-    products = np.asarray(product_ids)
-    relevant = products[:, None] == products[None, :]
-    np.fill_diagonal(relevant, False)
-    rows = np.flatnonzero(relevant.any(axis=1))
-    if rows.size == 0:
-        return {**{f"recall@{k}": None for k in ks}, "queries": 0, "gallery": len(products) - 1}
-    scores = image_vectors[rows] @ image_vectors.T
-    scores[np.arange(rows.size), rows] = -np.inf  # the query is not in its own gallery
-    ranked = _ranked_relevance(scores, relevant[rows])
-    ranked = ranked[:, :-1]  # drop the query itself, sorted last by its -inf score
+    relevant ones are its product's other crops (other views of the same item). Single-crop
+    products ask nothing but stay in the gallery as distractors."""
+    products = _codes(product_ids)
+    rows = np.flatnonzero(np.bincount(products)[products] > 1)
+    ranks = []
+    for q in np.array_split(rows, max(1, math.ceil(rows.size / QUERY_CHUNK))):
+        scores = image_vectors[q] @ image_vectors.T
+        relevant = products[q, None] == products[None, :]
+        # The query leaves its own gallery: sorted last, never relevant.
+        scores[np.arange(q.size), q] = -np.inf
+        relevant[np.arange(q.size), q] = False
+        ranks.append(_first_hit_ranks(scores, relevant))
     return {
-        **{f"recall@{k}": _recall_at(ranked, k) for k in ks},
+        **_recalls(np.concatenate(ranks), ks),
         "queries": int(rows.size),
-        "gallery": len(products) - 1,
+        "gallery": max(0, len(products) - 1),
     }
 
 
 def evaluate_retrieval(encoder: Encoder, eval_pairs: Sequence[Pair]) -> dict[str, dict[str, Any]]:
     """Text→image and image→image recall@1/5/10 of ``encoder`` over ``eval_pairs``."""
-    images = [pair.image() for pair in eval_pairs]
-    image_vectors = encoder.embed_images(images)
+    if not eval_pairs:
+        raise ValueError("no pairs to evaluate on")
+    chunks = [
+        eval_pairs[i : i + EVAL_IMAGE_CHUNK] for i in range(0, len(eval_pairs), EVAL_IMAGE_CHUNK)
+    ]
+    image_vectors = np.concatenate([encoder.embed_images([p.image() for p in c]) for c in chunks])
     texts = [pair.prompt for pair in eval_pairs]
     text_vectors = encoder.embed_texts(texts)
     return {
@@ -375,10 +405,20 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
             continue
         plain = param.ndim < 2 or "embedding" in name or name == "logit_scale"
         (no_decay if plain else decay).append(param)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [group for group in groups if group["params"]]
+
+
+def trainable_groups(model: Any, config: TrainConfig) -> list[dict[str, Any]]:
+    """Apply the freeze options to ``model``; the optimiser's parameter groups."""
+    _set_trainable(model, config)
+    groups = _param_groups(model, config.weight_decay)
+    if not groups:
+        raise ValueError("the freeze options leave no parameter to train")
+    return groups
 
 
 def contrastive_loss(
@@ -393,17 +433,22 @@ def contrastive_loss(
     the diagonal is; in a catalog batch, many crops share one description ("a photo of a black
     dress"), and pushing crop i away from crop j's identical description would teach the model
     that black dresses are unlike black dresses. So each row's target is spread evenly over all
-    its positives (and likewise per column), a soft-label cross-entropy. Computed in float32
-    whatever the autocast dtype: the log-softmax of bf16 logits loses the small differences
-    training depends on.
+    its positives (and likewise per column). The loss is the KL divergence to those targets:
+    the soft-label cross-entropy minus the targets' own entropy, same gradients, but 0 for a
+    perfect model whatever the share of duplicates in the batch, so losses stay comparable.
+    Computed in float32 whatever the autocast dtype: the log-softmax of bf16 logits loses the
+    small differences training depends on.
     """
     image_embeds = F.normalize(image_embeds.float(), dim=-1)
     text_embeds = F.normalize(text_embeds.float(), dim=-1)
     logits = logit_scale.float().exp() * image_embeds @ text_embeds.T
     targets = positives.float()
-    image_loss = F.cross_entropy(logits, targets / targets.sum(dim=1, keepdim=True))
-    text_loss = F.cross_entropy(logits.T, targets.T / targets.T.sum(dim=1, keepdim=True))
-    return (image_loss + text_loss) / 2
+
+    def kl(rows: torch.Tensor, row_targets: torch.Tensor) -> torch.Tensor:
+        row_targets = row_targets / row_targets.sum(dim=1, keepdim=True)
+        return F.kl_div(F.log_softmax(rows, dim=1), row_targets, reduction="batchmean")
+
+    return (kl(logits, targets) + kl(logits.T, targets.T)) / 2
 
 
 # --- training -------------------------------------------------------------------------------------
@@ -490,8 +535,7 @@ def train(
     if total <= 0:
         return log_
     model = clip.model
-    _set_trainable(model, config)
-    groups = _param_groups(model, config.weight_decay)
+    groups = trainable_groups(model, config)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, num_warmup_steps=int(config.warmup_fraction * total), num_training_steps=total
@@ -595,7 +639,7 @@ def record_model_version(
 
     from db.schema import ModelVersion, utcnow
     from db.session import session_scope
-    from workers.vision import embedder_version_id
+    from db.versions import embedder_version_id
 
     with session_scope(settings) as session:
         parent_id = embedder_version_id(session.connection(), parent_name, parent_version)
@@ -630,6 +674,33 @@ def _finite(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
+def _save(clip: _Clip, out_dir: Path) -> str:
+    """Save model, processor and tokenizer so ``Embedder(out_dir)`` loads them; returns the
+    version string that ``Embedder(str(out_dir))`` will compute."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clip.model.save_pretrained(out_dir)
+    clip.processor.save_pretrained(out_dir)
+    clip.tokenizer.save_pretrained(out_dir)
+    source, _ = pretrained_kwargs(out_dir)
+    return model_version(str(out_dir), source, clip.model)
+
+
+def _write_report(report_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    report_json, report_png = report_dir / "report.json", report_dir / "report.png"
+    report_json.write_text(json.dumps(report, indent=2, default=_json_default))
+    _plot_report(report_png, report)
+    return report_json, report_png
+
+
+def _check_out_dir(base_model: str, out_dir: Path) -> None:
+    """Saving over the base model's own directory would change the weights its version row (and
+    every embedding made with it) stands for."""
+    base = Path(base_model).expanduser()
+    if base.is_dir() and out_dir.exists() and base.resolve() == out_dir.resolve():
+        raise ValueError(f"out_dir {out_dir} is the base model's directory; pick a new one")
+
+
 # --- the whole run --------------------------------------------------------------------------------
 def finetune(
     settings: Settings,
@@ -650,12 +721,11 @@ def finetune(
     """
     rule = promote_if or PromotionRule()
     out_dir = Path(out_dir)
+    _check_out_dir(base_model, out_dir)
     timings: dict[str, float] = {}
     clock = time.perf_counter
 
     started = clock()
-    # Same seed, same weights and the same batches: a re-run reproduces the run (on CPU exactly).
-    torch.manual_seed(config.seed)
     all_pairs = list(pairs) if pairs is not None else load_pairs(settings)
     train_pairs, eval_pairs = split_by_product(all_pairs, config.eval_fraction, config.seed)
     clip = _load_clip(base_model, select_device(settings.device))
@@ -667,7 +737,12 @@ def finetune(
     timings["eval_before_s"] = clock() - started
 
     started = clock()
-    steps = train(clip, train_pairs, config, progress)
+    # Same seed, same batches and dropout masks: a re-run reproduces the run (on CPU bit for bit).
+    # The caller's random state is restored afterwards.
+    cuda = [clip.device.index or 0] if clip.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(config.seed)
+        steps = train(clip, train_pairs, config, progress)
     timings["train_s"] = clock() - started
 
     started = clock()
@@ -675,23 +750,15 @@ def finetune(
     timings["eval_after_s"] = clock() - started
 
     started = clock()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    clip.model.save_pretrained(out_dir)
-    clip.processor.save_pretrained(out_dir)
-    clip.tokenizer.save_pretrained(out_dir)
-    source, _ = pretrained_kwargs(out_dir)
-    version = model_version(str(out_dir), source, clip.model)
+    version = _save(clip, out_dir)
     timings["save_s"] = clock() - started
 
     promoted, score_before, score_after = rule.decide(before, after)
-    metrics = {
-        "before": before,
-        "after": after,
+    promotion = {
         "promoted": promoted,
         "score_before": _finite(score_before),
         "score_after": _finite(score_after),
         "rule": asdict(rule),
-        "base_model": base_model,
     }
     version_id, parent_id = record_model_version(
         settings,
@@ -699,7 +766,7 @@ def finetune(
         version=version,
         parent_name=clip.name,
         parent_version=clip.version,
-        metrics=metrics,
+        metrics={"before": before, "after": after, "base_model": base_model, **promotion},
         promoted=promoted,
     )
     log.info(
@@ -721,21 +788,12 @@ def finetune(
         "split": _split_sizes(train_pairs, eval_pairs),
         "eval_before": before,
         "eval_after": after,
-        "promotion": {
-            "promoted": promoted,
-            "score_before": _finite(score_before),
-            "score_after": _finite(score_after),
-            "rule": asdict(rule),
-        },
+        "promotion": promotion,
         "training": {"steps": len(steps.losses), "epochs_run": steps.epochs_run,
                      "losses": steps.losses, "lrs": steps.lrs},
         "timings": timings,
     }  # fmt: skip
-    report_dir = out_dir / REPORT_DIR
-    report_dir.mkdir(exist_ok=True)
-    report_json, report_png = report_dir / "report.json", report_dir / "report.png"
-    report_json.write_text(json.dumps(report, indent=2, default=_json_default))
-    _plot_report(report_png, report)
+    report_json, report_png = _write_report(out_dir / REPORT_DIR, report)
 
     return FinetuneResult(
         out_dir=out_dir,

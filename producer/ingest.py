@@ -34,10 +34,10 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from db.schema import Image, ImageState, IngestRun, Product, RejectedRow, RunStatus, utcnow
 from db.session import get_engine, session_scope
+from db.versions import dialect_insert
 from flickd.settings import Settings
 from producer.feeds import FeedChunk, FeedColumns, FeedError, read_feed, url_hash
 from workers.pipeline import DOWNLOAD_TASK, enqueue, finish_runs
@@ -102,10 +102,6 @@ class IngestSummary:
         }
 
 
-def _dialect_insert(conn: Connection):  # type: ignore[no-untyped-def]
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-
-
 def _none_if_nan(value: Any) -> Any:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
@@ -158,7 +154,7 @@ def record_chunk(conn: Connection, run_id: int, catalog: str, images: pd.DataFra
     """Record the chunk's products and images; return the ids of the images that are new."""
     if images.empty:
         return []
-    dialect_insert = _dialect_insert(conn)
+    insert_for = dialect_insert(conn)
     _stage(conn, STAGE_PRODUCTS, _products_frame(images))
     _stage(
         conn,
@@ -189,7 +185,7 @@ def record_chunk(conn: Connection, run_id: int, catalog: str, images: pd.DataFra
         attributes,
         literal(now),
     ).where(literal(True))  # SQLite needs a WHERE to parse INSERT … SELECT … ON CONFLICT
-    stmt = dialect_insert(products).from_select(
+    stmt = insert_for(products).from_select(
         [
             "catalog",
             "external_id",
@@ -242,7 +238,7 @@ def record_chunk(conn: Connection, run_id: int, catalog: str, images: pd.DataFra
         )
     )
     stmt = (
-        dialect_insert(images_table)
+        insert_for(images_table)
         .from_select(
             [
                 "product_id",

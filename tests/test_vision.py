@@ -172,3 +172,45 @@ def test_gpu_worker_end_to_end_with_one_bad_image(
     assert {i.state for i in others} == {"analyzed"}
     assert {c.image_id for c in crops} == {i.id for i in others}
     assert len(embeddings) == len(crops)
+
+
+def test_cli_build_models_ingest_and_show(catalog, server, tmp_path):
+    """The whole flow from the command line on the embedded default: build offline models,
+    ingest, then `flickd show` a product's crops."""
+    import json
+    import subprocess
+    import sys
+
+    from flickd.procs import ROOT, settings_env
+    from flickd.settings import Settings
+
+    env = settings_env(Settings(data_dir=tmp_path / "data", allowed_networks=["127.0.0.0/8"]))
+
+    def flickd(*args: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "flickd.cli", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    printed = flickd("models", "build", str(tmp_path / "models"), "--size", "tiny")
+    for line in printed.splitlines():
+        key, value = line.split("=", 1)
+        env[key] = value
+    feed = tmp_path / "feed.csv"
+    write_feed(catalog, feed, server.base_url)
+    result = json.loads(flickd("ingest", str(feed), "--json"))
+    assert result["status"] == "done"
+    assert result["images_by_state"] == {"analyzed": len(catalog.images)}
+    product = catalog.products[0]
+    shown = json.loads(flickd("show", product.product_id, "--json"))
+    assert shown["title"] == product.title
+    assert len(shown["images"]) == len(product.images)
+    assert all(image["crops"] for image in shown["images"])
+    text = flickd("show", product.product_id)
+    assert shown["images"][0]["crops"][0]["prompt"] in text

@@ -21,12 +21,13 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from PIL import Image as PILImage
-from sqlalchemy import Connection, bindparam, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import bindparam, select, update
 
 from db.schema import Crop as CropRow
-from db.schema import Embedding, Image, ImageState, ModelVersion, Product, utcnow
+from db.schema import Embedding, Image, ImageState, Product, utcnow
 from db.session import session_scope
+from db.versions import dialect_insert as _insert
+from db.versions import embedder_version_id
 from flickd.blobstore import BlobStore
 from flickd.logs import log_context
 from flickd.settings import Settings
@@ -181,33 +182,6 @@ def _plan(item: _Item, detections: Any, blobs: BlobStore, settings: Settings) ->
                 "blob_key": blobs.put(buffer.getvalue()),
             }
         )
-
-
-def _insert(conn: Connection):  # type: ignore[no-untyped-def]
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-
-
-def embedder_version_id(conn: Connection, name: str, version: str) -> int:
-    """The model_versions row of this embedder (created on first sight; the first one is
-    active, so a fresh catalog has something to search)."""
-    table = ModelVersion.__table__
-    has_active = conn.scalar(
-        select(table.c.id).where(table.c.kind == "embedder", table.c.active.is_(True)).limit(1)
-    )
-    conn.execute(
-        _insert(conn)(table)
-        .values(
-            kind="embedder",
-            name=name,
-            version=version,
-            active=has_active is None,
-            created_at=utcnow(),
-        )
-        .on_conflict_do_nothing(index_elements=["kind", "version"])
-    )
-    return conn.scalar(
-        select(table.c.id).where(table.c.kind == "embedder", table.c.version == version)
-    )
 
 
 def _write(

@@ -1,0 +1,38 @@
+"""Model versions in the database: which weights produced which embeddings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from db.schema import ModelVersion, utcnow
+
+
+def dialect_insert(conn: Connection) -> Any:
+    """The INSERT construct with ON CONFLICT support for this connection's database."""
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
+def embedder_version_id(conn: Connection, name: str, version: str) -> int:
+    """The model_versions row of this embedder (created on first sight; the first one is
+    active, so a fresh catalog has something to search)."""
+    table = ModelVersion.__table__
+    has_active = conn.scalar(
+        select(table.c.id).where(table.c.kind == "embedder", table.c.active.is_(True)).limit(1)
+    )
+    conn.execute(
+        dialect_insert(conn)(table)
+        .values(
+            kind="embedder",
+            name=name,
+            version=version,
+            active=has_active is None,
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["kind", "version"])
+    )
+    return conn.scalar(
+        select(table.c.id).where(table.c.kind == "embedder", table.c.version == version)
+    )
