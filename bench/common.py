@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import signal
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 PG_ADMIN = os.environ.get("FLICKD_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("FLICKD_BENCH_REDIS", "redis://127.0.0.1:6379/15")
+
+
+def stop_children_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so the context managers stop the worker processes."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def machine() -> str:
@@ -68,6 +75,11 @@ def scratch_postgres() -> Iterator[str]:
         dispose_engines()
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def broker_prefix() -> str:
+    """A key prefix of this benchmark's own: nothing else on the Redis shares its queues."""
+    return f"bench-{uuid.uuid4().hex[:8]}:"
 
 
 def flush_redis(url: str = REDIS) -> None:

@@ -10,22 +10,24 @@ Prints images/s per worker count beside the bound that latency and concurrency a
 from __future__ import annotations
 
 import argparse
-import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import REDIS, flush_redis, machine, scratch_postgres, truncate
-from flickd.procs import celery_worker, spawn
+from bench.common import (
+    REDIS,
+    broker_prefix,
+    flush_redis,
+    machine,
+    scratch_postgres,
+    stop_children_on_sigterm,
+    truncate,
+)
+from flickd.procs import catalog_server, celery_worker
 from flickd.settings import Settings
 from flickd.synthetic.catalog import Catalog, generate_catalog
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+PREFIX = broker_prefix()  # this run's own Redis keys
 
 
 def _catalog(cache: Path, products: int) -> Catalog:
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=150, help="distinct generated products")
     parser.add_argument("--workers", default="1,2")
     args = parser.parse_args()
+    stop_children_on_sigterm()
     print(machine())
     work = Path(tempfile.mkdtemp(prefix="flickd-bench-dl-"))
     catalog = _catalog(Path(tempfile.gettempdir()) / "flickd-bench-catalog", args.products)
@@ -98,29 +101,19 @@ def main() -> None:
         f"images: {args.images} downloads over {len(names)} generated files, mean "
         f"{sum(sizes) / len(sizes) / 1024:.0f} KiB; server latency {args.latency * 1000:.0f} ms"
     )
-    port = _free_port()
-    server_cmd = [
-        sys.executable,
-        "-m",
-        "flickd.synthetic.server",
-        str(catalog.images_dir),
-        "--port",
-        str(port),
-        "--latency",
-        str(args.latency),
-    ]
-    base_url = f"http://127.0.0.1:{port}"
     with scratch_postgres() as db_url:
         settings = Settings(
             database_url=db_url,
             broker_url=REDIS,
+            broker_prefix=PREFIX,
             data_dir=work / "data",
             allowed_networks=["127.0.0.0/8"],
             last_stage="download",
             download_threads=args.threads,
             download_batch_size=args.threads,
         )
-        with spawn(server_cmd, settings, work / "server.log", ready="serving"):
+        server = catalog_server(catalog.images_dir, settings, work / "server.log", args.latency)
+        with server as base_url:
             for count in [int(w) for w in args.workers.split(",")]:
                 rate = run(count, args.threads, args.images, settings, base_url, names, work)
                 bound = count * args.threads / args.latency

@@ -19,13 +19,28 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.common import REDIS, flush_redis, machine, peak_rss_mb, scratch_postgres, truncate
+from bench.common import (
+    REDIS,
+    broker_prefix,
+    flush_redis,
+    machine,
+    peak_rss_mb,
+    scratch_postgres,
+    stop_children_on_sigterm,
+    truncate,
+)
 from flickd.settings import Settings
+
+PREFIX = broker_prefix()  # this run's own Redis keys
 
 
 def _settings(db_url: str, work: Path) -> Settings:
     return Settings(
-        database_url=db_url, broker_url=REDIS, data_dir=work / "data", last_stage="download"
+        database_url=db_url,
+        broker_url=REDIS,
+        broker_prefix=PREFIX,
+        data_dir=work / "data",
+        last_stage="download",
     )
 
 
@@ -123,6 +138,7 @@ def main() -> None:
 
     from flickd.synthetic.catalog import write_big_feed
 
+    stop_children_on_sigterm()
     print(machine())
     work = Path(tempfile.mkdtemp(prefix="flickd-bench-ingest-"))
     feed = work / "feed.csv"

@@ -90,6 +90,9 @@ class IngestRun(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The final task: "queued" by the one worker that finished the run, then what it did.
+    finalize_status: Mapped[str | None] = mapped_column(String(32))
+    finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class RejectedRow(Base):
@@ -221,9 +224,11 @@ class IndexBuild(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
-    path: Mapped[str] = mapped_column(Text)
-    index_type: Mapped[str] = mapped_column(String(128))
-    n_vectors: Mapped[int] = mapped_column(BigInteger)
+    # pending (waiting for re-embedding) -> building -> ready; the one serving is also active.
+    status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
+    path: Mapped[str | None] = mapped_column(Text)
+    index_type: Mapped[str | None] = mapped_column(String(128))
+    n_vectors: Mapped[int] = mapped_column(BigInteger, default=0)
     params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     active: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

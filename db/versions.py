@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
 
 from db.schema import ModelVersion, utcnow
 
@@ -36,3 +37,19 @@ def embedder_version_id(conn: Connection, name: str, version: str) -> int:
     return conn.scalar(
         select(table.c.id).where(table.c.kind == "embedder", table.c.version == version)
     )
+
+
+def activate_embedder(session: Session, version_id: int) -> None:
+    """Make ``version_id`` the one active embedder."""
+    session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.kind == "embedder")
+        .values(active=ModelVersion.id == version_id)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def active_embedder(session: Session) -> ModelVersion | None:
+    return session.scalars(
+        select(ModelVersion).where(ModelVersion.kind == "embedder", ModelVersion.active.is_(True))
+    ).first()

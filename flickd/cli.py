@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from flickd import cli_ops
 from flickd.logs import setup_logging
 from flickd.settings import Settings, get_settings
 
@@ -234,13 +235,16 @@ def _resolve_run(session: Any, run: int | None) -> int:
 @main.command()
 @click.argument("run", type=int, required=False)
 @click.option("--json", "as_json", is_flag=True)
-def status(run: int | None, as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="Live progress, rate and ETA until the run finishes.")
+def status(run: int | None, as_json: bool, watch: bool) -> None:
     """Images per state, failures per reason and rate of RUN (default: the latest run)."""
     from db.runs import run_progress
     from db.session import session_scope
 
     settings = _settings()
     _ensure_schema(settings)
+    if watch:
+        cli_ops.watch_runs(settings, run)
     with session_scope(settings) as session:
         progress = run_progress(session, _resolve_run(session, run))
     if progress is None:
@@ -383,6 +387,113 @@ def show(product_id: str, catalog: str, as_json: bool) -> None:
             click.echo(f'       "{crop["prompt"]}"')
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def finetune(as_json: bool) -> None:
+    """Fine-tune CLIP on the catalog now; if it retrieves better, re-embed and re-index."""
+    from workers.finalize import finetune_now, start_reembed
+
+    settings = _settings()
+    _ensure_schema(settings)
+    result = finetune_now(settings)
+    summary: dict[str, Any] = {
+        "version_id": result.version_id,
+        "promoted": result.promoted,
+        "score_before": result.score_before,
+        "score_after": result.score_after,
+        "before": result.before,
+        "after": result.after,
+        "model_dir": str(result.out_dir),
+        "report": str(result.report_png),
+    }
+    if result.promoted:
+        summary["reembedding_crops"] = start_reembed(result.version_id, settings)
+    if as_json:
+        _echo_json(summary)
+        return
+    click.echo(f"model version {result.version_id} in {result.out_dir}")
+    for task in ("text_to_image", "image_to_image"):
+        before, after = result.before.get(task, {}), result.after.get(task, {})
+        click.echo(
+            f"  {task:<15} recall@5 {before.get('recall@5', float('nan')):.3f} -> "
+            f"{after.get('recall@5', float('nan')):.3f}"
+        )
+    if result.promoted:
+        click.echo(
+            f"promoted: re-embedding {summary['reembedding_crops']} crops, then the index "
+            "switches to it"
+        )
+    else:
+        click.echo("not promoted: retrieval did not improve enough; the active model stays")
+
+
+@main.group()
+def index() -> None:
+    """The FAISS index."""
+
+
+@index.command("build")
+def index_build() -> None:
+    """Build the index of the active embedder from the database and switch to it."""
+    from db.session import session_scope
+    from db.versions import active_embedder
+    from workers.finalize import refresh_index
+
+    settings = _settings()
+    _ensure_schema(settings)
+    with session_scope(settings) as session:
+        if active_embedder(session) is None:
+            raise click.ClickException("nothing to index yet: no image has been analysed")
+    path = refresh_index(settings)
+    if path is None:
+        click.echo(
+            "crops lack embeddings under the active model: re-embedding queued; the "
+            "index is built when it finishes"
+        )
+    else:
+        click.echo(f"index written: {path}")
+
+
+@main.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("flickd-demo"),
+    show_default=True,
+)
+@click.option("--products", type=int, default=100, show_default=True)
+@click.option(
+    "--detector/--no-detector",
+    default=False,
+    show_default=True,
+    help="Use the offline (random-weight) detector; its boxes carry no meaning.",
+)
+def demo(out_dir: Path, products: int, detector: bool) -> None:
+    """The whole pipeline on the embedded default with offline models, in one command."""
+    from flickd.demo import run_demo
+
+    setup_logging("WARNING")
+    result = run_demo(out_dir, products=products, detector=detector)
+    summary = result.summary
+    click.echo(
+        f"ingested {summary['accepted']} images of {products} products: "
+        f"{summary.get('images_by_state') or summary['status']}"
+    )
+    if result.finalize:
+        before = result.finalize.get("before", {}).get("text_to_image", {}).get("recall@5")
+        after = result.finalize.get("after", {}).get("text_to_image", {}).get("recall@5")
+        click.echo(
+            f"fine-tuned CLIP: held-out text->image recall@5 {before} -> {after}, "
+            f"{'promoted' if result.finalize.get('promoted') else 'not promoted'}"
+        )
+    for search in result.searches:
+        top = search["hits"][0] if search["hits"] else None
+        found = f"{top['product_id']} {top['score']:.3f} {top['match']}" if top else "nothing"
+        click.echo(f"  {search['query']!r}: {found}")
+    click.echo(f"report: {result.report}  ({result.seconds:.0f} s)")
+
+
 @main.group()
 def models() -> None:
     """ML models."""
@@ -399,6 +510,71 @@ def models_build(out_dir: Path, size: str, seed: int) -> None:
     paths = build_offline_models(out_dir, size, seed)  # type: ignore[arg-type]
     click.echo(f"FLICKD_DETECTOR_MODEL={paths['detector']}")
     click.echo(f"FLICKD_EMBEDDING_MODEL={paths['clip']}")
+
+
+cli_ops.register(main)
+
+
+# --- search --------------------------------------------------------------------------------------
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+def api(host: str, port: int) -> None:
+    """Serve the search API, its OpenAPI docs (/docs) and the web page (/)."""
+    import uvicorn
+
+    settings = _settings()
+    _ensure_schema(settings)
+    uvicorn.run(
+        "flickd.api:create_default_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+    )
+
+
+@main.command()
+@click.option("--image", "image_ref", help="Query image: a file path or an http(s) URL.")
+@click.option("--text", "query_text", help="Query text, e.g. 'a red summer dress'.")
+@click.option("--top-k", "-k", type=click.IntRange(1, 100), default=10, show_default=True)
+@click.option("--no-detect", is_flag=True, help="Search with the whole image, no detection.")
+@click.option("--json", "as_json", is_flag=True)
+def search(
+    image_ref: str | None, query_text: str | None, top_k: int, no_detect: bool, as_json: bool
+) -> None:
+    """Search the index by --image or --text, without a server; results grouped by product."""
+    from flickd.search import QueryImageError, SearchService, SearchUnavailable, format_response
+
+    if (image_ref is None) == (query_text is None):
+        raise click.UsageError("give exactly one of --image or --text")
+    settings = _settings()
+    _ensure_schema(settings)
+    service = SearchService(settings)
+    try:
+        if query_text is not None:
+            response = service.search_text(query_text, top_k)
+        else:
+            image = _query_image(image_ref or "", service, settings)
+            response = service.search_image(image, top_k, detect=not no_detect)
+    except (SearchUnavailable, QueryImageError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        _echo_json(response.model_dump(mode="json"))
+    else:
+        click.echo(format_response(response))
+
+
+def _query_image(ref: str, service: Any, settings: Settings) -> Any:
+    """A URL is fetched through the SSRF guard; anything else is a local file."""
+    from flickd.search import decode_query_image
+
+    if ref.lower().startswith(("http://", "https://")):
+        return service.fetch_image(ref)
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise click.ClickException(f"no such image file: {path}")
+    return decode_query_image(path.read_bytes(), settings)
 
 
 if __name__ == "__main__":

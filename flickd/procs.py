@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +88,33 @@ def spawn(
         yield proc
     finally:
         stop_process_group(proc)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def catalog_server(
+    images_dir: Path, settings: Settings, log_path: Path, latency: float = 0.0
+) -> Iterator[str]:
+    """The synthetic catalog's HTTP server as a process of its own; yields its base URL."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "flickd.synthetic.server",
+        str(images_dir),
+        "--port",
+        str(port),
+        "--latency",
+        str(latency),
+    ]
+    with spawn(cmd, settings, log_path, ready="serving"):
+        yield f"http://127.0.0.1:{port}"
 
 
 @contextmanager

@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     database_url: str | None = None  # default: sqlite:///<data_dir>/flickd.db
     broker_url: str | None = None  # default: none -> tasks run in-process (embedded mode)
     result_backend: str | None = None
+    # Prefix of every Redis key Celery uses, so that several deployments (or test sessions and
+    # benchmarks) can share one Redis without taking each other's messages.
+    broker_prefix: str = ""
 
     # --- Celery reliability --------------------------------------------------------------------
     # Seconds a delivered, unacknowledged message stays invisible before Redis re-delivers it.
@@ -71,9 +74,40 @@ class Settings(BaseSettings):
     min_crop_side: int = 16
     crop_merge_iou: float = 0.7
 
+    # --- search (API and `flickd search`) ------------------------------------------------------
+    # Cosine similarity at or above which a hit is an "exact" / "similar" match; below: "weak".
+    match_exact: float = 0.9
+    match_similar: float = 0.75
+    max_upload_bytes: int = 10 * 1024 * 1024  # image uploads and image-URL queries
+    search_max_items: int = 8  # detected items searched per query image, best scores first
+
+    # --- the final task: fine-tune, re-embed, index -------------------------------------------
+    # auto: fine-tune when enough new crops arrived, else refresh the index; index: only the
+    # index; off: nothing runs when a run finishes.
+    finalize: Literal["auto", "index", "off"] = "auto"
+    finetune_min_new_crops: int = 5000
+    train_epochs: int = 3
+    train_batch_size: int = 64
+    train_lr: float = 1e-5
+    train_weight_decay: float = 0.1
+    train_warmup_fraction: float = 0.1
+    train_grad_clip: float = 1.0
+    train_eval_fraction: float = 0.2
+    train_seed: int = 0
+    promotion_min_improvement: float = 0.01
+    reembed_batch_size: int = 256
+
     # --- misc ----------------------------------------------------------------------------------
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    # --- operations: Flower, metrics -----------------------------------------------------------
+    # "user:password" for `flickd flower`, which refuses to start without it: the dashboard can
+    # revoke tasks and shut workers down. A plain str (not SecretStr) so that child processes
+    # receive it through FLICKD_* variables like every other setting.
+    flower_basic_auth: str | None = None
+    # A worker serves its per-stage timing histograms on this port (none: not served).
+    worker_metrics_port: int | None = None
 
     @model_validator(mode="after")
     def _check_time_limits(self) -> Settings:
@@ -85,6 +119,13 @@ class Settings(BaseSettings):
             )
         if self.task_soft_time_limit >= self.task_time_limit:
             raise ValueError("task_soft_time_limit must be below task_time_limit")
+        return self
+
+    @model_validator(mode="after")
+    def _check_match_thresholds(self) -> Settings:
+        # Swapped thresholds would label every "similar" hit "exact" and none "similar".
+        if not -1.0 <= self.match_similar <= self.match_exact <= 1.0:
+            raise ValueError("need -1 <= match_similar <= match_exact <= 1")
         return self
 
     @field_validator("allowed_networks", mode="before")
@@ -120,6 +161,16 @@ class Settings(BaseSettings):
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def index_dir(self) -> Path:
+        """Versioned FAISS index files and the ``current.json`` pointer to the served one."""
+        return self.data_dir / "index"
+
+    @property
+    def models_dir(self) -> Path:
+        """Fine-tuned model versions, one directory each."""
+        return self.data_dir / "models"
 
     @property
     def allowed_ip_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -630,16 +630,17 @@ def record_model_version(
     parent_version: str,
     metrics: dict[str, Any],
     promoted: bool,
+    activate: bool = True,
 ) -> tuple[int, int]:
     """All of fine-tuning's database writes, in one transaction: the parent's row (created if
     this base model never embedded anything), the new row (updated when a deterministic re-run
     produced the same weights), and on promotion the switch of the active embedder.
     Returns ``(new_id, parent_id)``."""
-    from sqlalchemy import select, update
+    from sqlalchemy import select
 
     from db.schema import ModelVersion, utcnow
     from db.session import session_scope
-    from db.versions import embedder_version_id
+    from db.versions import activate_embedder, embedder_version_id
 
     with session_scope(settings) as session:
         parent_id = embedder_version_id(session.connection(), parent_name, parent_version)
@@ -653,14 +654,8 @@ def record_model_version(
             session.add(row)
         row.name, row.parent_id, row.metrics = name, parent_id, metrics
         session.flush()
-        if promoted:
-            # One active embedder: the new one replaces its parent (and anything else active).
-            session.execute(
-                update(ModelVersion)
-                .where(ModelVersion.kind == "embedder", ModelVersion.id != row.id)
-                .values(active=False)
-            )
-            row.active = True
+        if promoted and activate:
+            activate_embedder(session, row.id)
         return row.id, parent_id
 
 
@@ -711,13 +706,16 @@ def finetune(
     promote_if: PromotionRule | None = None,
     pairs: Sequence[Pair] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    activate: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``base_model`` (hub id or directory) on the catalog, evaluate it on held-out
     products before and after, save it to ``out_dir`` (loadable with ``Embedder(out_dir)``),
     write ``out_dir/training-report/report.{json,png}``, and record and maybe promote it.
 
     ``pairs`` overrides :func:`load_pairs` (all analysed crops). ``progress(step, loss)`` is
-    called after each optimiser step.
+    called after each optimiser step. ``activate=False`` records a promoted version without
+    making it the active embedder yet (the final task activates it once the catalog has been
+    re-embedded and its index built).
     """
     rule = promote_if or PromotionRule()
     out_dir = Path(out_dir)
@@ -766,8 +764,17 @@ def finetune(
         version=version,
         parent_name=clip.name,
         parent_version=clip.version,
-        metrics={"before": before, "after": after, "base_model": base_model, **promotion},
+        metrics={
+            "before": before,
+            "after": after,
+            "base_model": base_model,
+            "train_pairs": len(train_pairs),
+            "eval_pairs": len(eval_pairs),
+            "catalog_crops": len(all_pairs),
+            **promotion,
+        },
         promoted=promoted,
+        activate=activate,
     )
     log.info(
         "fine-tune %s -> %s: score %.3f -> %.3f, %s",

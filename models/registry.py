@@ -83,14 +83,19 @@ def get_detector(settings: Settings) -> Detector | None:
 
 
 def get_embedder(settings: Settings) -> Embedder:
-    """The process's CLIP embedder."""
+    """The process's CLIP embedder named by the settings (the base model)."""
+    return get_embedder_by_name(settings.embedding_model, settings)
+
+
+def get_embedder_by_name(name: str, settings: Settings) -> Embedder:
+    """A CLIP embedder by hub id or directory (e.g. a fine-tuned version's), cached."""
 
     def load(name: str, device: torch.device) -> Embedder:
         from models.embedder import Embedder
 
         return Embedder(name, device=device, batch_size=settings.analyze_batch_size)
 
-    return _cached("embedder", settings.embedding_model.strip(), settings.device, load)
+    return _cached("embedder", name.strip(), settings.device, load)
 
 
 def clear() -> None:

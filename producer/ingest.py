@@ -276,24 +276,30 @@ def _record_rejected(conn: Connection, run_id: int, chunk: FeedChunk) -> None:
     )
 
 
-def _save_summary(summary: IngestSummary, settings: Settings, **extra: Any) -> None:
+def _save_summary(summary: IngestSummary, settings: Settings, **closing: Any) -> None:
+    """Write the run's counters; ``closing`` (status, timestamps) only applies while the run
+    is still ``running``: an operator may have cancelled it meanwhile, and that must stick."""
+    counters = {
+        "rows_read": summary.rows_read,
+        "blank_rows": summary.blank_rows,
+        "accepted": summary.accepted,
+        "invalid": summary.invalid,
+        "invalid_by_reason": dict(summary.invalid_by_reason),
+        "duplicates_in_feed": summary.duplicates_in_feed,
+        "already_known": summary.already_known,
+        "enqueued": summary.enqueued,
+        "error": summary.error,
+    }
+    run = IngestRun.__table__
     with session_scope(settings) as session:
-        session.execute(
-            update(IngestRun)
-            .where(IngestRun.id == summary.run_id)
-            .values(
-                rows_read=summary.rows_read,
-                blank_rows=summary.blank_rows,
-                accepted=summary.accepted,
-                invalid=summary.invalid,
-                invalid_by_reason=dict(summary.invalid_by_reason),
-                duplicates_in_feed=summary.duplicates_in_feed,
-                already_known=summary.already_known,
-                enqueued=summary.enqueued,
-                error=summary.error,
-                **extra,
+        session.execute(update(run).where(run.c.id == summary.run_id).values(**counters))
+        if closing:
+            session.execute(
+                update(run)
+                .where(run.c.id == summary.run_id, run.c.status == RunStatus.RUNNING.value)
+                .values(**closing)
             )
-        )
+        summary.status = session.scalar(select(run.c.status).where(run.c.id == summary.run_id))
 
 
 def create_run(feed: str, catalog: str, settings: Settings) -> int:

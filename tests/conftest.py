@@ -109,6 +109,7 @@ def pg_settings(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[Setting
     settings = Settings(
         database_url=pg_url,
         broker_url=redis_url,
+        broker_prefix=f"t{uuid.uuid4().hex[:8]}:",
         data_dir=tmp_path / "data",
         allowed_networks=["127.0.0.0/8"],
         **FAST_DOWNLOADS,

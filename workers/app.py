@@ -23,12 +23,14 @@ def celery_config(settings: Settings) -> dict[str, object]:
     # Redis re-delivers a message that stays unacknowledged longer than visibility_timeout.
     # Celery reads it from the broker and the result-backend transport options; both are set
     # from the one setting so they never disagree.
-    transport = {
+    transport: dict[str, object] = {
         "visibility_timeout": settings.visibility_timeout,
         # Sweep for messages of dead workers every N seconds (kombu's default is ~100 s).
         "unacked_restore_interval": settings.redelivery_sweep_seconds,
         "unacked_restore_throttle": 1,
     }
+    if settings.broker_prefix:
+        transport["global_keyprefix"] = settings.broker_prefix
     return {
         "broker_url": settings.broker_url or "memory://",
         "result_backend": settings.result_backend,
@@ -53,6 +55,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_routes": {
             "flickd.download_batch": {"queue": DOWNLOAD_QUEUE},
             "flickd.analyze_batch": {"queue": GPU_QUEUE},
+            "flickd.finalize": {"queue": GPU_QUEUE},
+            "flickd.embed_crops": {"queue": GPU_QUEUE},
         },
         # Events for Flower: every task's life is visible to operators.
         "worker_send_task_events": True,
@@ -60,7 +64,8 @@ def celery_config(settings: Settings) -> dict[str, object]:
         # images; Flower shows each task from the moment a worker receives it.
         "task_send_sent_event": False,
         "worker_hijack_root_logger": False,
-        "include": ["workers.tasks"],
+        # workers.control: the pause/resume remote-control commands and worker start-up hooks.
+        "include": ["workers.tasks", "workers.control"],
     }
 
 

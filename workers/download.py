@@ -9,6 +9,7 @@ worker was killed) finishes what is left and rewrites nothing.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
@@ -189,8 +190,12 @@ def download_batch(image_ids: list[int], settings: Settings) -> list[DownloadOut
     session, pool = _ProcessResources.get(settings)
     blobs = BlobStore(settings.blob_dir)
     started = time.perf_counter()
+    # Each thread runs in a copy of this task's context, so its log lines carry the task id.
+    contexts = [contextvars.copy_context() for _ in todo]
     outcomes = list(
-        pool.map(lambda row: download_one(row[0], row[1], row[2], settings, session, blobs), todo)
+        pool.map(
+            lambda ctx, row: ctx.run(download_one, *row, settings, session, blobs), contexts, todo
+        )
     )
     record_outcomes(outcomes, settings)
     log.info(

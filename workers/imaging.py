@@ -81,14 +81,7 @@ def decode_image(data: bytes, max_pixels: int) -> DecodedImage:
 
     Raises ImageFailure: NOT_AN_IMAGE, UNSUPPORTED_FORMAT, DECOMPRESSION_BOMB, CORRUPT_IMAGE.
     """
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        # A global Pillow switch we rely on but never flip: with it on, truncated files decode
-        # half grey instead of failing. Someone else turned it on; refuse loudly.
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False")
-    if not data:
-        raise ImageFailure(FailureReason.NOT_AN_IMAGE, "empty body")
-    with _open(data) as im:
-        _check_size(im, max_pixels)
+    with _open_checked(data, max_pixels) as im:
         _load(im)  # first frame only: Pillow opens multi-frame files positioned on frame 0
         fmt = str(im.format)
         upright = _exif_transpose(im)
@@ -110,12 +103,7 @@ def validate_image(data: bytes, max_pixels: int) -> ImageInfo:
     so a truncated or corrupt file fails just the same, but the inverse DCT and colour
     conversion, most of the CPU time, shrink 64-fold. Nothing is converted to RGB.
     """
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False")
-    if not data:
-        raise ImageFailure(FailureReason.NOT_AN_IMAGE, "empty body")
-    with _open(data) as im:
-        _check_size(im, max_pixels)
+    with _open_checked(data, max_pixels) as im:
         width, height = im.size
         orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
         if im.format in ("JPEG", "MPO"):
@@ -125,6 +113,23 @@ def validate_image(data: bytes, max_pixels: int) -> ImageInfo:
     if orientation in (5, 6, 7, 8):  # rotated a quarter turn: upright width is stored height
         width, height = height, width
     return ImageInfo(format=fmt, width=width, height=height)
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """Open ``data`` and refuse empty input and over-large images before decoding a pixel."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # A global Pillow switch we rely on but never flip: with it on, truncated files decode
+        # half grey instead of failing. Someone else turned it on; refuse loudly.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES must stay False")
+    if not data:
+        raise ImageFailure(FailureReason.NOT_AN_IMAGE, "empty body")
+    im = _open(data)
+    try:
+        _check_size(im, max_pixels)
+    except ImageFailure:
+        im.close()
+        raise
+    return im
 
 
 def _open(data: bytes) -> Image.Image:

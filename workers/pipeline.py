@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db.runs import finish_run_if_complete
 from db.schema import Image, ImageState
@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 DOWNLOAD_TASK = "flickd.download_batch"
 ANALYZE_TASK = "flickd.analyze_batch"
+FINALIZE_TASK = "flickd.finalize"
+EMBED_TASK = "flickd.embed_crops"
 
 
 def batched(ids: Sequence[int], size: int) -> Iterable[list[int]]:
@@ -25,7 +27,13 @@ def batched(ids: Sequence[int], size: int) -> Iterable[list[int]]:
         yield list(ids[start : start + size])
 
 
-def enqueue(task_name: str, ids: Sequence[int], batch_size: int, settings: Settings) -> int:
+def enqueue(
+    task_name: str,
+    ids: Sequence[int],
+    batch_size: int,
+    settings: Settings,
+    extra_args: Sequence[object] = (),
+) -> int:
     """Send ``ids`` to ``task_name`` in batches over one broker connection; return #messages.
 
     Call only after the transaction that wrote the rows has committed: a fast worker must
@@ -39,12 +47,12 @@ def enqueue(task_name: str, ids: Sequence[int], batch_size: int, settings: Setti
     messages = 0
     if settings.embedded:
         for batch in batched(ids, batch_size):
-            task.apply_async(args=[batch])
+            task.apply_async(args=[batch, *extra_args])
             messages += 1
         return messages
     with app.producer_or_acquire() as producer:
         for batch in batched(ids, batch_size):
-            task.apply_async(args=[batch], producer=producer)
+            task.apply_async(args=[batch, *extra_args], producer=producer)
             messages += 1
     return messages
 
@@ -57,7 +65,22 @@ def finish_runs(run_ids: Iterable[int | None], settings: Settings) -> list[int]:
                 finished.append(run_id)
     for run_id in finished:
         log.info("run finished run_id=%s", run_id)
+        if settings.last_stage == "analyze" and settings.finalize != "off":
+            _queue_finalize(run_id, settings)
     return finished
+
+
+def _queue_finalize(run_id: int, settings: Settings) -> None:
+    """Send the run's one final task (this caller closed the run, so nobody else does)."""
+    from db.schema import IngestRun
+
+    with session_scope(settings) as session:
+        session.execute(
+            update(IngestRun).where(IngestRun.id == run_id).values(finalize_status="queued")
+        )
+    import workers.tasks  # noqa: F401  (registers the tasks with the app)
+
+    get_app(settings).tasks[FINALIZE_TASK].apply_async(args=[run_id])
 
 
 def run_download_batch(image_ids: list[int], settings: Settings) -> None:

@@ -37,7 +37,13 @@ class FlickdTask(Task):
             try:
                 return super().__call__(*args, **kwargs)
             finally:
-                log.debug("task finished seconds=%.3f", time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                # Imported on first use, i.e. after the worker's start-up hook has switched
+                # prometheus_client to multiprocess mode (workers/control.py).
+                from flickd.metrics import observe_stage
+
+                observe_stage(self.name.removeprefix("flickd."), seconds)
+                log.debug("task finished seconds=%.3f", seconds)
 
 
 @shared_task(base=FlickdTask, name="flickd.download_batch", bind=True)
@@ -48,3 +54,17 @@ def download_batch(self: FlickdTask, image_ids: list[int]) -> None:
 @shared_task(base=FlickdTask, name="flickd.analyze_batch", bind=True)
 def analyze_batch(self: FlickdTask, image_ids: list[int]) -> None:
     pipeline.run_analyze_batch(image_ids, app_settings(self.app))
+
+
+@shared_task(base=FlickdTask, name="flickd.finalize", bind=True)
+def finalize(self: FlickdTask, run_id: int | None) -> None:
+    from workers.finalize import finalize_run
+
+    finalize_run(run_id, app_settings(self.app))
+
+
+@shared_task(base=FlickdTask, name="flickd.embed_crops", bind=True)
+def embed_crops(self: FlickdTask, crop_ids: list[int], version_id: int) -> None:
+    from workers.finalize import embed_crops as embed
+
+    embed(crop_ids, version_id, app_settings(self.app))

@@ -26,10 +26,11 @@ from sqlalchemy import bindparam, select, update
 from db.schema import Crop as CropRow
 from db.schema import Embedding, Image, ImageState, Product, utcnow
 from db.session import session_scope
+from db.versions import active_embedder, embedder_version_id
 from db.versions import dialect_insert as _insert
-from db.versions import embedder_version_id
 from flickd.blobstore import BlobStore
 from flickd.logs import log_context
+from flickd.metrics import observe_stages
 from flickd.settings import Settings
 from models import registry
 from models.colour import dominant_colour
@@ -264,6 +265,14 @@ def _write(
             )
 
 
+def embedder_name(settings: Settings) -> str:
+    """The model new crops are embedded with: the active version (a fine-tuned one once
+    promoted), else the configured base model."""
+    with session_scope(settings) as session:
+        active = active_embedder(session)
+    return active.name if active else settings.embedding_model
+
+
 def analyze_batch(image_ids: list[int], settings: Settings) -> AnalyzeReport:
     """Analyse every still-``downloaded`` image of the batch; return what happened."""
     report = AnalyzeReport()
@@ -298,7 +307,7 @@ def analyze_batch(image_ids: list[int], settings: Settings) -> AnalyzeReport:
     report.seconds["crop_colour"] += clock() - started
 
     started = clock()
-    embedder = registry.get_embedder(settings)
+    embedder = registry.get_embedder_by_name(embedder_name(settings), settings)
     good = [item for item in items if item.failure is None]
     pixels = [p for item in good for p in item.crop_pixels]
     chunks = (
@@ -319,6 +328,7 @@ def analyze_batch(image_ids: list[int], settings: Settings) -> AnalyzeReport:
     report.analyzed = len(good)
     report.failed = len(items) - len(good)
     report.crops = len(pixels)
+    observe_stages(report.seconds)
     log.info(
         "analyze batch done images=%d analyzed=%d failed=%d crops=%d %s",
         len(items),

@@ -1,0 +1,248 @@
+"""Prometheus metrics for what Flower does not show: the backlog per queue, images per state,
+failures per reason, ingest runs per status, the embedder in use, the size of the served index,
+and how long each stage takes.
+
+Two kinds, served in two places:
+
+* **Gauges read at scrape time** (:class:`FlickdCollector`) from the database and Redis, with
+  cheap aggregate queries, so any process can serve them: ``flickd metrics`` (a standalone
+  exporter), or the API through :func:`metrics_asgi_app` / :func:`render_metrics`.
+* **Stage durations** (``flickd_stage_seconds``), a histogram the workers observe while they run
+  tasks (:func:`observe_stage`). Only the observing process has them, so each worker serves its
+  own on ``FLICKD_WORKER_METRICS_PORT`` (see workers/control.py: prometheus_client's
+  multiprocess mode gathers the prefork children's observations in the worker's main process).
+  Scrape every worker for them; ``flickd metrics`` and the API do not show them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.schema import Image, ImageState, IndexBuild, IngestRun, ModelVersion, RunStatus
+from db.session import session_scope
+from flickd.settings import Settings
+from workers.errors import FailureReason
+
+log = logging.getLogger(__name__)
+
+QUEUES = ("download", "gpu")  # workers.app's queue names (not imported: that builds an app)
+# kombu keeps a queue's higher-priority messages in sibling lists "<queue>\x06\x16<priority>";
+# flickd sends none, but a backlog there must still be counted.
+_PRIORITY_SEP = "\x06\x16"
+_PRIORITY_STEPS = (3, 6, 9)
+
+# A download batch takes seconds to minutes; one vision step on a GPU tens of milliseconds.
+STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+STAGE_SECONDS = Histogram(
+    "flickd_stage_seconds",
+    "Wall-clock seconds of one batch through a pipeline stage, as observed by a worker",
+    ["stage"],
+    buckets=STAGE_BUCKETS,
+)
+
+
+def observe_stage(stage: str, seconds: float) -> None:
+    """Record one batch's time in ``stage`` (a task's short name, or a vision step)."""
+    STAGE_SECONDS.labels(stage=stage).observe(seconds)
+
+
+def observe_stages(seconds: Mapping[str, float]) -> None:
+    """Record a batch's time per step, e.g. ``AnalyzeReport.seconds`` (decode, detect, …)."""
+    for stage, value in seconds.items():
+        observe_stage(stage, value)
+
+
+# --- gauges read at scrape time ----------------------------------------------------------------
+class FlickdCollector(Collector):
+    """Reads the pipeline's state from the database and the broker on every scrape.
+
+    A source that cannot be reached is reported by ``flickd_metrics_source_up`` instead of
+    failing the whole scrape."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "flickd_metrics_source_up",
+            "1 when the source could be read during this scrape",
+            labels=["source"],
+        )
+        for source, read in (("broker", self._broker_metrics), ("database", self._db_metrics)):
+            try:
+                metrics = list(read())
+            except Exception:
+                log.exception("metrics: cannot read %s", source)
+                up.add_metric([source], 0)
+                continue
+            up.add_metric([source], 1)
+            yield from metrics
+        yield up
+
+    def _broker_metrics(self) -> Iterable[Metric]:
+        waiting = GaugeMetricFamily(
+            "flickd_queue_messages",
+            "Messages waiting in a broker queue (0 in embedded mode: tasks run in-process)",
+            labels=["queue"],
+        )
+        unacked = GaugeMetricFamily(
+            "flickd_unacked_messages",
+            "Messages delivered to a worker and not yet acknowledged (tasks in flight)",
+        )
+        lengths, in_flight = queue_lengths(self.settings)
+        for queue, length in lengths.items():
+            waiting.add_metric([queue], length)
+        unacked.add_metric([], in_flight)
+        return [waiting, unacked]
+
+    def _db_metrics(self) -> Iterable[Metric]:
+        with session_scope(self.settings) as session:
+            return [
+                _by_label(
+                    "flickd_images",
+                    "Images per state",
+                    "state",
+                    [s.value for s in ImageState],
+                    session.execute(select(Image.state, func.count()).group_by(Image.state)),
+                ),
+                _by_label(
+                    "flickd_image_failures",
+                    "Failed images per reason",
+                    "reason",
+                    [r.value for r in FailureReason],
+                    session.execute(
+                        select(Image.failure_reason, func.count())
+                        .where(Image.state == ImageState.FAILED.value)
+                        .group_by(Image.failure_reason)
+                    ),
+                ),
+                _by_label(
+                    "flickd_runs",
+                    "Ingest runs per status",
+                    "status",
+                    [s.value for s in RunStatus],
+                    session.execute(
+                        select(IngestRun.status, func.count()).group_by(IngestRun.status)
+                    ),
+                ),
+                _active_model(session),
+                _active_index(session),
+            ]
+
+
+def _by_label(
+    name: str, documentation: str, label: str, known: list[str], rows: Iterable[Any]
+) -> GaugeMetricFamily:
+    """A gauge per label value; known values are always present (0) so that series don't
+    vanish and rates over them stay defined."""
+    counts = dict.fromkeys(known, 0)
+    for value, count in rows:
+        counts[str(value)] = int(count)
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
+    return family
+
+
+def _active_model(session: Session) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        "flickd_model_info",
+        "The active model version (value 1); absent until something has been embedded",
+        labels=["kind", "name", "version"],
+    )
+    rows = session.execute(
+        select(ModelVersion.kind, ModelVersion.name, ModelVersion.version).where(
+            ModelVersion.active.is_(True)
+        )
+    )
+    for kind, name, version in rows:
+        family.add_metric([kind, name, version], 1)
+    return family
+
+
+def _active_index(session: Session) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(
+        "flickd_index_vectors",
+        "Vectors in the active (served) search index; absent until one is built",
+        labels=["index_type", "model_version"],
+    )
+    row = session.execute(
+        select(IndexBuild.n_vectors, IndexBuild.index_type, ModelVersion.version)
+        .join(ModelVersion, ModelVersion.id == IndexBuild.model_version_id)
+        .where(IndexBuild.active.is_(True))
+        .order_by(IndexBuild.id.desc())
+        .limit(1)
+    ).first()
+    if row is not None:
+        family.add_metric([row.index_type or "", row.version], row.n_vectors or 0)
+    return family
+
+
+def queue_lengths(settings: Settings) -> tuple[dict[str, int], int]:
+    """Messages waiting per queue, and messages in flight (delivered, unacknowledged)."""
+    if settings.embedded:
+        return dict.fromkeys(QUEUES, 0), 0
+    import redis
+
+    prefix = settings.broker_prefix  # kombu's global_keyprefix: this deployment's keys
+    client = redis.Redis.from_url(settings.broker_url or "", socket_timeout=3)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for queue in QUEUES:
+            for key in (queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS)):
+                pipe.llen(prefix + key)
+        pipe.hlen(prefix + "unacked")  # kombu's hash of delivered, unacknowledged messages
+        counts = pipe.execute()
+    finally:
+        client.close()
+    per_queue = 1 + len(_PRIORITY_STEPS)
+    lengths = {q: sum(counts[i * per_queue : (i + 1) * per_queue]) for i, q in enumerate(QUEUES)}
+    return lengths, int(counts[-1])
+
+
+# --- serving -----------------------------------------------------------------------------------
+def flickd_registry(settings: Settings) -> CollectorRegistry:
+    """A registry with the scrape-time gauges for these settings (and nothing else)."""
+    registry = CollectorRegistry()
+    registry.register(FlickdCollector(settings))
+    return registry
+
+
+def render_metrics(settings: Settings) -> bytes:
+    """The gauges in Prometheus text format, e.g. for a ``/metrics`` route."""
+    return generate_latest(flickd_registry(settings))
+
+
+def metrics_asgi_app(settings: Settings) -> Callable[..., Any]:
+    """An ASGI app serving the gauges; mount it: ``app.mount("/metrics", metrics_asgi_app(s))``."""
+    from prometheus_client import make_asgi_app
+
+    return make_asgi_app(registry=flickd_registry(settings))
+
+
+def serve_metrics(settings: Settings, port: int, address: str = "0.0.0.0") -> None:
+    """Serve the gauges over HTTP until the process is stopped (``flickd metrics``)."""
+    start_http_server(port, address, registry=flickd_registry(settings))
+    log.info("serving metrics on http://%s:%d/metrics", address, port)
+    threading.Event().wait()
+
+
+def serve_worker_metrics(port: int, multiprocess_dir: str | None, address: str = "0.0.0.0") -> None:
+    """Serve the stage histograms of this worker (a background thread): with
+    ``multiprocess_dir``, those of all its pool processes, gathered from their files there."""
+    from prometheus_client import REGISTRY, multiprocess
+
+    registry = REGISTRY
+    if multiprocess_dir:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
+    start_http_server(port, address, registry=registry)

@@ -1,0 +1,494 @@
+"""Search the visual index: a text or an image in, catalog products out, best crop per product.
+
+A query image goes through the same stages as a catalog image (detect → plan crops → crop →
+colour → embed), so "this dress in my photo" is compared with dress crops, not with a whole
+street scene. Each detected item gets its own result list.
+
+Scores are cosine similarities (index vectors and queries are L2-normalised), so the
+prototype's thresholds keep their meaning: ``exact`` ≥ ``match_exact``, ``similar`` ≥
+``match_similar``, anything lower is ``weak``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import requests
+from PIL import Image as PILImage
+from pydantic import BaseModel
+from sqlalchemy import select
+
+from db.schema import Crop, Image, ModelVersion, Product
+from db.session import session_scope
+from flickd.settings import Settings
+from models import registry
+from models.colour import dominant_colour
+from models.crops import Crop as PlannedCrop
+from models.crops import crop_image, plan_crops
+from models.index import IndexHolder, VectorIndex
+from workers.errors import FailureReason, ImageFailure
+from workers.fetch import fetch, make_session
+from workers.imaging import decode_image
+
+if TYPE_CHECKING:
+    from models.embedder import Embedder
+
+log = logging.getLogger(__name__)
+
+# FAISS returns crops, several per product; fetch this many crops per wanted product so that
+# grouping still fills the list, and grow up to MAX_OVERFETCH when one product hogs the hits.
+OVERFETCH = 4
+MAX_OVERFETCH = 64
+# A URL query is interactive: retry a flaky host once, not the download stage's four times.
+URL_QUERY_ATTEMPTS = 2
+
+
+class MatchType(StrEnum):
+    EXACT = "exact"
+    SIMILAR = "similar"
+    WEAK = "weak"
+
+
+def match_type(score: float, exact: float, similar: float) -> MatchType:
+    """The match label of a cosine ``score``; thresholds are inclusive."""
+    if score >= exact:
+        return MatchType.EXACT
+    if score >= similar:
+        return MatchType.SIMILAR
+    return MatchType.WEAK
+
+
+# --- response models ---------------------------------------------------------------------------
+class ProductHit(BaseModel):
+    """One product in a result list, represented by its crop closest to the query."""
+
+    product_id: str  # the feed's id
+    catalog: str
+    title: str | None
+    brand: str | None
+    category: str | None
+    price: float | None
+    score: float  # cosine similarity in [-1, 1]
+    match: MatchType
+    crop_id: int
+    label: str | None  # fine label of the crop ("skirt"), None for an unlabelled whole image
+    coarse_label: str | None
+    colour: str | None
+    colour_rgb: str | None
+    prompt: str | None
+    image_url: str  # the catalog image the crop was cut from
+    thumbnail_url: str  # the crop itself, served by the API
+
+
+class QueryItem(BaseModel):
+    """One thing searched for: the text, or one item detected in the query image."""
+
+    label: str | None = None
+    coarse_label: str | None = None
+    detection_score: float | None = None
+    box: tuple[float, float, float, float] | None = None  # pixels of the query image
+    whole_image: bool = False
+    colour: str | None = None
+    results: list[ProductHit]
+
+
+class SearchResponse(BaseModel):
+    kind: Literal["text", "image"]
+    text: str | None = None
+    model_version_id: int
+    model_version: str
+    index_vectors: int
+    items: list[QueryItem]
+    took_ms: float
+
+
+# --- errors ------------------------------------------------------------------------------------
+class SearchUnavailable(RuntimeError):
+    """Search cannot run yet: no index has been built, or its model cannot be loaded."""
+
+
+class QueryImageError(ValueError):
+    """A query image was refused. ``reason`` is a FailureReason value or ``empty_image``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def decode_query_image(data: bytes, settings: Settings) -> PILImage.Image:
+    """Bytes of an uploaded or fetched image → an upright RGB image, or QueryImageError."""
+    if not data:
+        raise QueryImageError("empty_image", "the image is empty (0 bytes)")
+    if len(data) > settings.max_upload_bytes:
+        raise QueryImageError(
+            FailureReason.TOO_LARGE.value,
+            f"image is {len(data)} bytes; the limit is {settings.max_upload_bytes}",
+        )
+    try:
+        return decode_image(data, settings.max_image_pixels).image
+    except ImageFailure as failure:
+        raise _query_error(failure) from None
+
+
+def _query_error(failure: ImageFailure) -> QueryImageError:
+    what = failure.reason.value.replace("_", " ")
+    return QueryImageError(
+        failure.reason.value, f"{what}: {failure.detail}" if failure.detail else what
+    )
+
+
+# --- the service -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Version:
+    id: int
+    name: str  # hub id or model directory: what the embedder is loaded from
+    version: str
+
+
+@dataclass(frozen=True)
+class _CropRow:
+    crop_id: int
+    product_pk: int
+    product_id: str
+    catalog: str
+    title: str | None
+    brand: str | None
+    category: str | None
+    price: float | None
+    label: str | None
+    coarse_label: str | None
+    colour: str | None
+    colour_rgb: str | None
+    prompt: str | None
+    image_url: str
+
+
+class SearchService:
+    """Text and image search against the served index. Safe to share between threads.
+
+    The index is taken from ``IndexHolder`` once per query, so a query started on one index
+    finishes on it even when a rebuilt index is swapped in meanwhile.
+    """
+
+    def __init__(self, settings: Settings, holder: IndexHolder | None = None) -> None:
+        self.settings = settings
+        self.holder = holder or IndexHolder(settings.index_dir)
+        # HF fast tokenizers raise "Already borrowed" when two threads encode at once, and on a
+        # CPU torch already uses every core per call: model calls are serialised.
+        self._model_lock = threading.Lock()
+        self._versions: dict[int, _Version] = {}
+        self._warned: set[int] = set()
+        self._session: requests.Session | None = None
+        self._session_lock = threading.Lock()
+
+    # --- public ----------------------------------------------------------------------------
+    def search_text(self, text: str, top_k: int = 10) -> SearchResponse:
+        started = time.perf_counter()
+        index, version = self._index_and_version()
+        embedder = self._embedder(version)
+        with self._model_lock:
+            vectors = embedder.embed_texts([text])
+        (hits,) = self._search_grouped(index, vectors, top_k)
+        return SearchResponse(
+            kind="text",
+            text=text,
+            model_version_id=version.id,
+            model_version=version.version,
+            index_vectors=index.ntotal,
+            items=[QueryItem(results=hits)],
+            took_ms=_ms_since(started),
+        )
+
+    def search_image(
+        self, image: PILImage.Image, top_k: int = 10, detect: bool = True
+    ) -> SearchResponse:
+        """Search per detected item of ``image`` (the whole image when nothing is detected)."""
+        started = time.perf_counter()
+        index, version = self._index_and_version()
+        embedder = self._embedder(version)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        crops = self._plan_query_crops(rgb, detect)
+        pixels = [crop_image(rgb, crop) for crop in crops]
+        with self._model_lock:
+            vectors = embedder.embed_images(pixels)
+        grouped = self._search_grouped(index, vectors, top_k)
+        items = [
+            _query_item(crop, crop_pixels, hits)
+            for crop, crop_pixels, hits in zip(crops, pixels, grouped, strict=True)
+        ]
+        return SearchResponse(
+            kind="image",
+            model_version_id=version.id,
+            model_version=version.version,
+            index_vectors=index.ntotal,
+            items=items,
+            took_ms=_ms_since(started),
+        )
+
+    def fetch_image(self, url: str) -> PILImage.Image:
+        """Download a query image through the SSRF guard; QueryImageError when refused."""
+        settings = self.settings.model_copy(
+            update={
+                "max_download_bytes": self.settings.max_upload_bytes,
+                "max_attempts": min(self.settings.max_attempts, URL_QUERY_ATTEMPTS),
+            }
+        )
+        try:
+            result = fetch(url, self._http(), settings)
+        except ImageFailure as failure:
+            raise _query_error(failure) from None
+        return decode_query_image(result.content, self.settings)
+
+    def warm_up(self) -> None:
+        """Load the models the served index needs, so the first query does not pay for it.
+        Does nothing while no index exists; never raises (a query reports the problem)."""
+        try:
+            _index, version = self._index_and_version()
+            self._embedder(version)
+            registry.get_detector(self.settings)
+        except Exception as exc:
+            log.info("search warm-up skipped: %s", exc)
+
+    def status(self) -> dict[str, Any]:
+        """What /health reports about the index; never raises for a missing index."""
+        try:
+            index, version = self._index_and_version()
+        except SearchUnavailable as exc:
+            return {"loaded": False, "detail": str(exc)}
+        return {
+            "loaded": True,
+            "vectors": index.ntotal,
+            "model_version_id": version.id,
+            "model_version": version.version,
+        }
+
+    # --- index and models --------------------------------------------------------------------
+    def _index_and_version(self) -> tuple[VectorIndex, _Version]:
+        index = self.holder.get()
+        if index is None:
+            raise SearchUnavailable(
+                "no search index has been built yet: ingest a catalog, then run `flickd index "
+                "build` (or let a run's final task build it)"
+            )
+        return index, self._version(index.model_version_id)
+
+    def _version(self, version_id: int | None) -> _Version:
+        """The embedder that produced the index's vectors: queries must be embedded by the
+        same weights. An index that does not say (built by hand) is taken to be the active
+        embedder's."""
+        cached = self._versions.get(version_id) if version_id is not None else None
+        if cached is not None:
+            return cached
+        with session_scope(self.settings) as session:
+            row = (
+                session.get(ModelVersion, version_id)
+                if version_id is not None
+                else session.scalars(
+                    select(ModelVersion).where(
+                        ModelVersion.kind == "embedder", ModelVersion.active.is_(True)
+                    )
+                ).first()
+            )
+            if row is None:
+                raise SearchUnavailable(
+                    f"the index's embedder (model version {version_id}) is not recorded"
+                )
+            version = _Version(row.id, row.name, row.version)
+        if version_id is not None:
+            self._versions[version_id] = version  # rows never change name or version
+        return version
+
+    def _embedder(self, version: _Version) -> Embedder:
+        try:
+            embedder = registry.get_embedder_by_name(version.name, self.settings)
+        except Exception as exc:  # ModelLoadError, or a broken model directory
+            raise SearchUnavailable(f"cannot load embedder {version.name!r}: {exc}") from exc
+        if embedder.model_version != version.version and version.id not in self._warned:
+            # Same name, other weights: the query vectors may not match the indexed ones.
+            self._warned.add(version.id)
+            log.warning(
+                "embedder %s loads as %s but the index was built with %s",
+                version.name,
+                embedder.model_version,
+                version.version,
+            )
+        return embedder
+
+    def _plan_query_crops(self, image: PILImage.Image, detect: bool) -> list[PlannedCrop]:
+        detector = registry.get_detector(self.settings) if detect else None
+        detections = None
+        if detector is not None:
+            with self._model_lock:
+                detections = detector.detect([image])[0]
+        crops = plan_crops(
+            detections,
+            image.size,
+            min_side=self.settings.min_crop_side,
+            merge_iou=self.settings.crop_merge_iou,
+        )
+        return crops[: max(1, self.settings.search_max_items)]  # best detector scores first
+
+    def _http(self) -> requests.Session:
+        with self._session_lock:
+            if self._session is None:
+                self._session = make_session(self.settings)
+            return self._session
+
+    # --- grouping ------------------------------------------------------------------------------
+    def _search_grouped(
+        self, index: VectorIndex, vectors: np.ndarray, top_k: int
+    ) -> list[list[ProductHit]]:
+        """Best crop per product, ``top_k`` products per query vector."""
+        total = index.ntotal
+        limit = min(total, top_k * MAX_OVERFETCH)
+        fetch_k = min(total, top_k * OVERFETCH)
+        while True:
+            scores, ids = index.search(vectors, max(1, fetch_k))
+            rows = self._crop_rows(ids)
+            grouped = [
+                self._group(row_scores, row_ids, rows, top_k)
+                for row_scores, row_ids in zip(scores, ids, strict=True)
+            ]
+            if fetch_k >= limit or all(len(hits) >= top_k for hits in grouped):
+                return grouped
+            fetch_k = min(limit, fetch_k * 4)
+
+    def _group(
+        self,
+        scores: np.ndarray,
+        ids: np.ndarray,
+        rows: dict[int, _CropRow],
+        top_k: int,
+    ) -> list[ProductHit]:
+        hits: list[ProductHit] = []
+        seen: set[int] = set()
+        for score, crop_id in zip(scores.tolist(), ids.tolist(), strict=True):
+            row = rows.get(int(crop_id))  # -1 pads a short result; a crop may have been deleted
+            if row is None or row.product_pk in seen:
+                continue  # hits come best first, so the first crop of a product is its best
+            seen.add(row.product_pk)
+            hits.append(self._hit(row, float(score)))
+            if len(hits) == top_k:
+                break
+        return hits
+
+    def _hit(self, row: _CropRow, score: float) -> ProductHit:
+        return ProductHit(
+            product_id=row.product_id,
+            catalog=row.catalog,
+            title=row.title,
+            brand=row.brand,
+            category=row.category,
+            price=row.price,
+            score=score,
+            match=match_type(score, self.settings.match_exact, self.settings.match_similar),
+            crop_id=row.crop_id,
+            label=row.label,
+            coarse_label=row.coarse_label,
+            colour=row.colour,
+            colour_rgb=row.colour_rgb,
+            prompt=row.prompt,
+            image_url=row.image_url,
+            thumbnail_url=f"/crops/{row.crop_id}.jpg",
+        )
+
+    def _crop_rows(self, ids: np.ndarray) -> dict[int, _CropRow]:
+        """Crop, image and product of every hit, in one query."""
+        wanted = sorted({int(i) for i in np.asarray(ids).ravel() if i >= 0})
+        if not wanted:
+            return {}
+        query = (
+            select(
+                Crop.id,
+                Crop.fine_label,
+                Crop.coarse_label,
+                Crop.colour_name,
+                Crop.colour_rgb,
+                Crop.prompt,
+                Image.url,
+                Product.id.label("product_pk"),
+                Product.external_id,
+                Product.catalog,
+                Product.title,
+                Product.brand,
+                Product.category,
+                Product.price,
+            )
+            .join(Image, Image.id == Crop.image_id)
+            .join(Product, Product.id == Image.product_id)
+            .where(Crop.id.in_(wanted))
+        )
+        with session_scope(self.settings) as session:
+            return {r.id: _crop_row(r) for r in session.execute(query)}
+
+
+def _crop_row(r: Any) -> _CropRow:
+    return _CropRow(
+        crop_id=r.id,
+        product_pk=r.product_pk,
+        product_id=r.external_id,
+        catalog=r.catalog,
+        title=r.title,
+        brand=r.brand,
+        category=r.category,
+        price=r.price,
+        label=r.fine_label,
+        coarse_label=r.coarse_label,
+        colour=r.colour_name,
+        colour_rgb=r.colour_rgb,
+        prompt=r.prompt,
+        image_url=r.url,
+    )
+
+
+def _query_item(crop: PlannedCrop, pixels: PILImage.Image, hits: Sequence[ProductHit]) -> QueryItem:
+    return QueryItem(
+        label=crop.fine_label,
+        coarse_label=crop.coarse_label,
+        detection_score=crop.score,
+        box=crop.box,
+        whole_image=crop.whole_image,
+        colour=dominant_colour(pixels).name,
+        results=list(hits),
+    )
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+# --- plain-text rendering (``flickd search``) ------------------------------------------------
+def format_response(response: SearchResponse) -> str:
+    """Results grouped by product, one line each: rank, score, match, product, crop."""
+    lines = [
+        f"model {response.model_version} · {response.index_vectors} indexed crops · "
+        f"{response.took_ms:.0f} ms"
+    ]
+    for number, item in enumerate(response.items, start=1):
+        if response.kind == "image":
+            lines.append(_item_heading(number, item))
+        if not item.results:
+            lines.append("   no matching products")
+        for rank, hit in enumerate(item.results, start=1):
+            crop = " ".join(part for part in (hit.colour, hit.label) if part) or "-"
+            lines.append(
+                f"  {rank:>3}. {hit.score:6.3f} {hit.match.value:<7} {hit.product_id}  "
+                f"{hit.title or ''} [{hit.brand or '-'} / {hit.category or '-'}]  "
+                f"crop {hit.crop_id}: {crop}"
+            )
+    return "\n".join(lines)
+
+
+def _item_heading(number: int, item: QueryItem) -> str:
+    what = item.label or ("whole image" if item.whole_image else "item")
+    detected = f" (detected {item.detection_score:.2f})" if item.detection_score is not None else ""
+    colour = f", {item.colour}" if item.colour else ""
+    return f"item {number}: {what}{colour}{detected}"

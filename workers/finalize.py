@@ -1,0 +1,259 @@
+"""The final task of a run: fine-tune CLIP when enough new crops arrived, re-embed the catalog
+with a promoted model, and (re)build the FAISS index.
+
+Exactly one ``finalize`` runs per ingest run: the worker whose conditional UPDATE closed the
+run (db.runs.finish_run_if_complete) enqueues it. After a promotion the new model only becomes
+the active embedder once every crop has an embedding under it and its index is built, so search
+never mixes a new query encoder with an old index. Re-embedding is fanned out in batches on the
+``gpu`` queue; the batch that embeds the last missing crop claims the pending index build.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy import and_, exists, func, select, update
+
+from db.schema import Crop, Embedding, IndexBuild, IngestRun, ModelVersion, utcnow
+from db.session import session_scope
+from db.versions import activate_embedder, active_embedder, dialect_insert
+from flickd.blobstore import BlobStore
+from flickd.settings import Settings
+from models import registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinalizeOutcome:
+    action: str  # "finetuned", "reembedding", "indexed", "nothing"
+    detail: dict[str, object]
+
+
+# --- deciding ----------------------------------------------------------------------------------
+def crops_since_training(settings: Settings) -> int:
+    """Crops added since the last fine-tuning run (all crops when none ran yet)."""
+    with session_scope(settings) as session:
+        total = session.scalar(select(func.count()).select_from(Crop)) or 0
+        last = session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.kind == "embedder", ModelVersion.parent_id.is_not(None))
+            .order_by(ModelVersion.id.desc())
+        ).first()
+    trained_on = int((last.metrics or {}).get("catalog_crops", 0)) if last else 0
+    return max(0, total - trained_on)
+
+
+def should_finetune(settings: Settings) -> bool:
+    return (
+        settings.finalize == "auto"
+        and crops_since_training(settings) >= settings.finetune_min_new_crops
+    )
+
+
+# --- the steps ---------------------------------------------------------------------------------
+def finetune_now(settings: Settings):  # type: ignore[no-untyped-def]
+    """Fine-tune the active embedder on the catalog; record (not activate) the new version."""
+    from models.finetune import PromotionRule, TrainConfig, finetune
+
+    with session_scope(settings) as session:
+        base = active_embedder(session)
+        base_name = base.name if base else settings.embedding_model
+    config = TrainConfig(
+        epochs=settings.train_epochs,
+        batch_size=settings.train_batch_size,
+        lr=settings.train_lr,
+        weight_decay=settings.train_weight_decay,
+        warmup_fraction=settings.train_warmup_fraction,
+        grad_clip=settings.train_grad_clip,
+        eval_fraction=settings.train_eval_fraction,
+        seed=settings.train_seed,
+    )
+    out_dir = settings.models_dir / f"clip-{utcnow():%Y%m%d-%H%M%S}"
+    return finetune(
+        settings,
+        base_name,
+        out_dir,
+        config,
+        promote_if=PromotionRule(min_improvement=settings.promotion_min_improvement),
+        activate=False,
+    )
+
+
+def missing_crop_ids(settings: Settings, version_id: int, up_to: int | None = None) -> list[int]:
+    """Crops with no embedding under ``version_id`` (only ids <= ``up_to`` when given)."""
+    has_embedding = exists().where(
+        and_(Embedding.crop_id == Crop.id, Embedding.model_version_id == version_id)
+    )
+    query = select(Crop.id).where(~has_embedding).order_by(Crop.id)
+    if up_to is not None:
+        query = query.where(Crop.id <= up_to)
+    with session_scope(settings) as session:
+        return list(session.scalars(query))
+
+
+def start_reembed(version_id: int, settings: Settings) -> int:
+    """Queue the embedding under ``version_id`` of every crop that lacks it; returns #queued.
+
+    The crops to wait for are fixed now (ids up to the current maximum): crops that analysis
+    adds meanwhile are embedded with the active model and caught up by the next finalize."""
+    from workers.pipeline import EMBED_TASK, enqueue
+
+    with session_scope(settings) as session:
+        up_to = session.scalar(select(func.max(Crop.id))) or 0
+        session.add(
+            IndexBuild(
+                model_version_id=version_id,
+                status="pending",
+                n_vectors=0,
+                params={"up_to_crop_id": up_to},
+            )
+        )
+    ids = missing_crop_ids(settings, version_id, up_to)
+    if not ids:
+        complete_reembed(version_id, settings)
+        return 0
+    enqueue(EMBED_TASK, ids, settings.reembed_batch_size, settings, extra_args=[version_id])
+    return len(ids)
+
+
+def embed_crops(crop_ids: list[int], version_id: int, settings: Settings) -> int:
+    """Embed these crops with the model of ``version_id`` (idempotent); maybe finish."""
+    from models.embedder import Embedder
+
+    with session_scope(settings) as session:
+        name = session.scalar(select(ModelVersion.name).where(ModelVersion.id == version_id))
+        rows = session.execute(
+            select(Crop.id, Crop.blob_key).where(Crop.id.in_(crop_ids)).order_by(Crop.id)
+        ).all()
+    embedder: Embedder = registry.get_embedder_by_name(str(name), settings)
+    blobs = BlobStore(settings.blob_dir)
+    pixels = [PILImage.open(io.BytesIO(blobs.get(r.blob_key))).convert("RGB") for r in rows]
+    vectors = embedder.embed_images(pixels) if pixels else np.zeros((0, embedder.dim), "f4")
+    now = utcnow()
+    with session_scope(settings) as session:
+        conn = session.connection()
+        if rows:
+            conn.execute(
+                dialect_insert(conn)(Embedding.__table__).on_conflict_do_nothing(
+                    index_elements=["crop_id", "model_version_id"]
+                ),
+                [
+                    {
+                        "crop_id": r.id,
+                        "model_version_id": version_id,
+                        "dim": int(v.shape[0]),
+                        "vector": v.astype("<f4").tobytes(),
+                        "created_at": now,
+                    }
+                    for r, v in zip(rows, vectors, strict=True)
+                ],
+            )
+    complete_reembed(version_id, settings)
+    return len(rows)
+
+
+def complete_reembed(version_id: int, settings: Settings) -> bool:
+    """When no crop lacks an embedding under ``version_id``, exactly one caller claims the
+    pending index build, builds the index and switches the active embedder."""
+    with session_scope(settings) as session:
+        pending = session.scalars(
+            select(IndexBuild).where(
+                IndexBuild.model_version_id == version_id, IndexBuild.status == "pending"
+            )
+        ).first()
+        up_to = (pending.params or {}).get("up_to_crop_id") if pending else None
+    if pending is None or missing_crop_ids(settings, version_id, up_to):
+        return False
+    with session_scope(settings) as session:
+        claimed = session.execute(
+            update(IndexBuild)
+            .where(IndexBuild.model_version_id == version_id, IndexBuild.status == "pending")
+            .values(status="building")
+            .execution_options(synchronize_session=False)
+        ).rowcount
+    if not claimed:
+        return False
+    build_index(version_id, settings)
+    with session_scope(settings) as session:
+        activate_embedder(session, version_id)
+        session.execute(
+            update(IndexBuild)
+            .where(IndexBuild.model_version_id == version_id, IndexBuild.status == "building")
+            .values(status="ready")
+            .execution_options(synchronize_session=False)
+        )
+    log.info("re-embedding done; embedder version %s active", version_id)
+    return True
+
+
+def build_index(version_id: int, settings: Settings) -> Path:
+    from models.index import build_from_database
+
+    return build_from_database(settings, version_id, settings.index_dir)
+
+
+def refresh_index(settings: Settings) -> Path | None:
+    """Rebuild the index of the active embedder from the database. Crops that lack an
+    embedding under it (added while a re-embedding ran) are embedded first, fanned out like a
+    re-embedding; the index is then built by the batch that finishes them (returns None)."""
+    with session_scope(settings) as session:
+        version = active_embedder(session)
+        version_id = version.id if version else None
+    if version_id is None:
+        return None
+    if missing_crop_ids(settings, version_id):
+        start_reembed(version_id, settings)
+        return None
+    return build_index(version_id, settings)
+
+
+# --- the task body -----------------------------------------------------------------------------
+def finalize_run(run_id: int | None, settings: Settings) -> FinalizeOutcome:
+    """What the final task does; ``run_id`` None means "by hand" (flickd finetune / index)."""
+    _mark(run_id, "running", settings)
+    try:
+        outcome = _finalize(settings)
+    except Exception:
+        _mark(run_id, "failed", settings)
+        raise
+    _mark(run_id, outcome.action, settings)
+    log.info("finalize run_id=%s action=%s %s", run_id, outcome.action, outcome.detail)
+    return outcome
+
+
+def _finalize(settings: Settings) -> FinalizeOutcome:
+    if settings.finalize == "off":
+        return FinalizeOutcome("nothing", {})
+    if should_finetune(settings):
+        result = finetune_now(settings)
+        detail = {
+            "version_id": result.version_id,
+            "promoted": result.promoted,
+            "score_before": result.score_before,
+            "score_after": result.score_after,
+        }
+        if result.promoted:
+            detail["reembedding"] = start_reembed(result.version_id, settings)
+            return FinalizeOutcome("finetuned", detail)
+        path = refresh_index(settings)
+        return FinalizeOutcome("finetuned", {**detail, "index": str(path)})
+    path = refresh_index(settings)
+    return FinalizeOutcome("indexed" if path else "nothing", {"index": str(path)})
+
+
+def _mark(run_id: int | None, status: str, settings: Settings) -> None:
+    if run_id is None:
+        return
+    with session_scope(settings) as session:
+        session.execute(
+            update(IngestRun)
+            .where(IngestRun.id == run_id)
+            .values(finalize_status=status, finalized_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
