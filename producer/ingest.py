@@ -9,18 +9,21 @@ therefore creates nothing and enqueues nothing the second time.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
+import queue
+import threading
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 from sqlalchemy import (
     Column,
     Connection,
@@ -108,29 +111,45 @@ def _none_if_nan(value: Any) -> Any:
     return value
 
 
-def _stage(conn: Connection, table: Table, frame: pd.DataFrame) -> None:
-    """Load ``frame`` into a temporary staging table: COPY on Postgres, executemany elsewhere."""
-    conn.execute(table.delete())
-    if frame.empty:
-        return
+def _stage(conn: Connection, table: Table, frame: pd.DataFrame, analyze: bool = False) -> None:
+    """Load ``frame`` into a temporary staging table: COPY on Postgres, executemany elsewhere.
+
+    ``analyze``: give the planner statistics for a table that is joined afterwards."""
     columns = [c.name for c in table.columns]
     if conn.dialect.name == "postgresql":
-        buffer = io.StringIO()
-        frame[columns].to_csv(buffer, index=False, header=False)
         raw = conn.connection.driver_connection
         with raw.cursor() as cursor:  # type: ignore[union-attr]
+            cursor.execute(f"TRUNCATE {table.name}")
+            if frame.empty:
+                return
             sql = f"COPY {table.name} ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
             with cursor.copy(sql) as copy:
-                copy.write(buffer.getvalue())
-            # Temporary tables have no statistics: without them the planner guesses a few
-            # dozen rows and may pick a plan that scans the whole products table per chunk.
-            cursor.execute(f"ANALYZE {table.name}")
+                copy.write(_csv_bytes(frame[columns]))
+            if analyze:
+                # Temporary tables have no statistics: without them the planner guesses a few
+                # dozen rows and may scan the whole products table once per chunk.
+                cursor.execute(f"ANALYZE {table.name}")
+        return
+    conn.execute(table.delete())
+    if frame.empty:
         return
     records = [
         {c: _none_if_nan(v) for c, v in zip(columns, row, strict=True)}
         for row in frame[columns].itertuples(index=False, name=None)
     ]
     conn.execute(insert(table), records)
+
+
+def _csv_bytes(frame: pd.DataFrame) -> memoryview:
+    """CSV for COPY, written by Arrow (an order of magnitude faster than pandas). Nulls come
+    out unquoted and empty, which COPY reads as NULL; empty strings come out as ``""``."""
+    out = pa.BufferOutputStream()
+    pacsv.write_csv(
+        pa.Table.from_pandas(frame, preserve_index=False),
+        out,
+        pacsv.WriteOptions(include_header=False),
+    )
+    return memoryview(out.getvalue())
 
 
 def _products_frame(images: pd.DataFrame) -> pd.DataFrame:
@@ -166,6 +185,7 @@ def record_chunk(conn: Connection, run_id: int, catalog: str, images: pd.DataFra
                 "url_hash": images["url"].map(url_hash).to_numpy(),
             }
         ),
+        analyze=True,
     )
     now = utcnow()
     products = Product.__table__
@@ -328,12 +348,14 @@ def ingest(
         with engine.connect() as conn:
             _stage_meta.create_all(conn)
             conn.commit()
-            chunks = read_feed(
-                feed,
-                columns,
-                chunk_rows=settings.feed_chunk_rows,
-                fmt=fmt,
-                max_url_length=settings.max_url_length,
+            chunks = _prefetched(
+                read_feed(
+                    feed,
+                    columns,
+                    chunk_rows=settings.feed_chunk_rows,
+                    fmt=fmt,
+                    max_url_length=settings.max_url_length,
+                )
             )
             with _Sender(settings) as sender:
                 for chunk in chunks:
@@ -362,6 +384,31 @@ def ingest(
         summary.status = RunStatus.DONE.value
     log.info("ingest enqueued run_id=%s %s", summary.run_id, summary.to_dict())
     return summary
+
+
+def _prefetched(chunks: Iterator[FeedChunk], depth: int = 1) -> Iterator[FeedChunk]:
+    """Read (parse, validate) the next chunk in a thread while this one is being recorded:
+    Arrow's parser releases the GIL and the database works in its own process, so the two
+    overlap instead of taking turns."""
+    done = object()
+    pending: queue.Queue[object] = queue.Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                pending.put(chunk)
+            pending.put(done)
+        except BaseException as error:  # handed to the consumer, raised there
+            pending.put(error)
+
+    threading.Thread(target=produce, name="feed-reader", daemon=True).start()
+    while True:
+        item = pending.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item  # type: ignore[misc]
 
 
 class _Sender:
