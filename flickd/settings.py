@@ -41,7 +41,7 @@ class Settings(BaseSettings):
 
     # --- producer ------------------------------------------------------------------------------
     feed_chunk_rows: int = 50_000
-    download_batch_size: int = 100  # images per download message
+    download_batch_size: int = 200  # images per download message
     max_url_length: int = 2048
 
     # --- downloads -----------------------------------------------------------------------------
