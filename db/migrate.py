@@ -36,3 +36,10 @@ def current_revision(settings: Settings | None = None) -> str | None:
 
     with get_engine(settings or get_settings()).connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+def ensure_schema(settings: Settings) -> None:
+    """The embedded default needs no set-up: its SQLite file is created or upgraded on first
+    use. (A shared Postgres is migrated explicitly, by `flickd db upgrade`.)"""
+    if settings.sqlalchemy_url.startswith("sqlite"):
+        upgrade(settings)

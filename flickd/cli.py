@@ -10,23 +10,10 @@ from typing import Any
 
 import click
 
+from db.migrate import ensure_schema
 from flickd import cli_ops
-from flickd.logs import setup_logging
-from flickd.settings import Settings, get_settings
-
-
-def _settings() -> Settings:
-    settings = get_settings()
-    setup_logging(settings.log_level, settings.log_format)
-    return settings
-
-
-def _ensure_schema(settings: Settings) -> None:
-    """The embedded default needs no set-up: create/upgrade its SQLite file on first use."""
-    if settings.sqlalchemy_url.startswith("sqlite"):
-        from db.migrate import upgrade
-
-        upgrade(settings)
+from flickd.logs import configured_settings, setup_logging
+from flickd.settings import Settings
 
 
 def _echo_json(data: Any) -> None:
@@ -51,7 +38,7 @@ def db_upgrade(revision: str) -> None:
     """Apply schema migrations (Postgres or SQLite)."""
     from db.migrate import current_revision, upgrade
 
-    settings = _settings()
+    settings = configured_settings()
     upgrade(settings, revision)
     click.echo(f"database at revision {current_revision(settings)}")
 
@@ -107,8 +94,8 @@ def ingest(
     from producer.feeds import FeedColumns, estimate_rows
     from producer.ingest import ingest as run_ingest
 
-    settings = _settings()
-    _ensure_schema(settings)
+    settings = configured_settings()
+    ensure_schema(settings)
     columns = FeedColumns(
         id=id_column,
         url=url_column,
@@ -241,8 +228,8 @@ def status(run: int | None, as_json: bool, watch: bool) -> None:
     from db.runs import run_progress
     from db.session import session_scope
 
-    settings = _settings()
-    _ensure_schema(settings)
+    settings = configured_settings()
+    ensure_schema(settings)
     if watch:
         cli_ops.watch_runs(settings, run)
     with session_scope(settings) as session:
@@ -275,8 +262,8 @@ def failures(run: int | None, reason: str | None, limit: int | None, as_json: bo
     from db.runs import failures as list_failures
     from db.session import session_scope
 
-    settings = _settings()
-    _ensure_schema(settings)
+    settings = configured_settings()
+    ensure_schema(settings)
     with session_scope(settings) as session:
         rows = list_failures(session, _resolve_run(session, run), reason, limit)
     if as_json:
@@ -299,8 +286,8 @@ def retry(run: int | None, reason: str | None, all_runs: bool) -> None:
     from db.session import session_scope
     from workers.pipeline import DOWNLOAD_TASK, enqueue
 
-    settings = _settings()
-    _ensure_schema(settings)
+    settings = configured_settings()
+    ensure_schema(settings)
     with session_scope(settings) as session:
         run_id = None if all_runs else _resolve_run(session, run)
         ids = reset_failed(session, run_id, reason)
@@ -329,7 +316,7 @@ def worker(
     queues: str, concurrency: int | None, hostname: str | None, celery_args: tuple[str, ...]
 ) -> None:
     """Start a Celery worker (runs `celery -A workers.app worker` with flickd's defaults)."""
-    settings = _settings()
+    settings = configured_settings()
     if settings.embedded:
         raise click.ClickException("FLICKD_BROKER_URL is not set: embedded mode needs no worker")
     from workers.app import get_app
@@ -356,8 +343,8 @@ def show(product_id: str, catalog: str, as_json: bool) -> None:
     from db.products import product_details
     from db.session import session_scope
 
-    settings = _settings()
-    _ensure_schema(settings)
+    settings = configured_settings()
+    ensure_schema(settings)
     with session_scope(settings) as session:
         details = product_details(session, product_id, catalog)
     if details is None:
@@ -393,8 +380,8 @@ def finetune(as_json: bool) -> None:
     """Fine-tune CLIP on the catalog now; if it retrieves better, re-embed and re-index."""
     from workers.finalize import finetune_now, start_reembed
 
-    settings = _settings()
-    _ensure_schema(settings)
+    settings = configured_settings()
+    ensure_schema(settings)
     result = finetune_now(settings)
     summary: dict[str, Any] = {
         "version_id": result.version_id,
@@ -439,8 +426,8 @@ def index_build() -> None:
     from db.versions import active_embedder
     from workers.finalize import refresh_index
 
-    settings = _settings()
-    _ensure_schema(settings)
+    settings = configured_settings()
+    ensure_schema(settings)
     with session_scope(settings) as session:
         if active_embedder(session) is None:
             raise click.ClickException("nothing to index yet: no image has been analysed")
@@ -523,8 +510,8 @@ def api(host: str, port: int) -> None:
     """Serve the search API, its OpenAPI docs (/docs) and the web page (/)."""
     import uvicorn
 
-    settings = _settings()
-    _ensure_schema(settings)
+    settings = configured_settings()
+    ensure_schema(settings)
     uvicorn.run(
         "flickd.api:create_default_app",
         factory=True,
@@ -548,8 +535,8 @@ def search(
 
     if (image_ref is None) == (query_text is None):
         raise click.UsageError("give exactly one of --image or --text")
-    settings = _settings()
-    _ensure_schema(settings)
+    settings = configured_settings()
+    ensure_schema(settings)
     service = SearchService(settings)
     try:
         if query_text is not None:

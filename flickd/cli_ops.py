@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from flickd.logs import setup_logging
-from flickd.settings import Settings, get_settings
+from db.migrate import ensure_schema
+from flickd.logs import configured_settings
+from flickd.settings import Settings
 
 if TYPE_CHECKING:
     from db.runs import RunProgress
@@ -26,20 +27,6 @@ if TYPE_CHECKING:
 
 QUEUE_NAMES = ("download", "gpu")
 FINISHED = ("done", "failed", "cancelled")  # RunStatus values (db.schema, not imported up here)
-
-
-def _settings() -> Settings:
-    settings = get_settings()
-    setup_logging(settings.log_level, settings.log_format)
-    return settings
-
-
-def _ensure_schema(settings: Settings) -> None:
-    """The embedded default creates/upgrades its SQLite file on first use (as flickd.cli)."""
-    if settings.sqlalchemy_url.startswith("sqlite"):
-        from db.migrate import upgrade
-
-        upgrade(settings)
 
 
 def _require_broker(settings: Settings, what: str) -> None:
@@ -78,7 +65,7 @@ def _flower_auth(settings: Settings) -> str:
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 def flower(port: int, address: str, flower_args: tuple[str, ...]) -> None:
     """Start Flower, the Celery dashboard, behind basic auth (FLICKD_FLOWER_BASIC_AUTH)."""
-    settings = _settings()
+    settings = configured_settings()
     _require_broker(settings, "workers to watch")
     auth = _flower_auth(settings)
     from workers.app import get_app
@@ -95,8 +82,8 @@ def metrics(port: int, address: str) -> None:
     """Serve Prometheus metrics (queues, images per state, failures, model, index) on /metrics."""
     from flickd.metrics import serve_metrics
 
-    settings = _settings()
-    _ensure_schema(settings)
+    settings = configured_settings()
+    ensure_schema(settings)
     serve_metrics(settings, port, address)
 
 
@@ -113,7 +100,7 @@ def _echo_queue_command(result: QueueCommand) -> None:
 def _queue_command(
     run: Callable[[str, Settings], QueueCommand], queues: tuple[str, ...], what: str
 ) -> None:
-    settings = _settings()
+    settings = configured_settings()
     _require_broker(settings, what)
     with _control_errors():
         for queue in queues or QUEUE_NAMES:
@@ -159,8 +146,8 @@ def cancel(run: int, as_json: bool) -> None:
     """Cancel RUN: its images not yet processed fail with reason `cancelled`."""
     from workers.control import cancel_run
 
-    settings = _settings()
-    _ensure_schema(settings)
+    settings = configured_settings()
+    ensure_schema(settings)
     with _control_errors():
         result = cancel_run(run, settings)
     if as_json:
@@ -183,8 +170,8 @@ def reprocess(all_analyzed: bool, run_id: int | None) -> None:
     FLICKD_EMBEDDING_MODEL; existing crops are kept."""
     from workers.control import reprocess as run_reprocess
 
-    settings = _settings()
-    _ensure_schema(settings)
+    settings = configured_settings()
+    ensure_schema(settings)
     with _control_errors():
         result = run_reprocess(settings, run_id=run_id, all_analyzed=all_analyzed)
     scope = "every analysed image" if all_analyzed else "images missing an embedding"
