@@ -18,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import requests
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, select
 
+from db.images import record_failures, transition
 from db.schema import Image, ImageState, utcnow
 from db.session import session_scope
 from flickd.blobstore import BlobStore
@@ -128,58 +129,37 @@ def record_outcomes(outcomes: list[DownloadOutcome], settings: Settings) -> None
     now = utcnow()
     ok = [o for o in outcomes if o.ok]
     bad = [o for o in outcomes if not o.ok]
+    table = Image.__table__
     with session_scope(settings) as session:
         conn = session.connection()
-        table = Image.__table__
-        guard = (table.c.id == bindparam("b_id")) & (table.c.state == ImageState.QUEUED.value)
-        if ok:
-            conn.execute(
-                update(table)
-                .where(guard)
-                .values(
-                    state=ImageState.DOWNLOADED.value,
-                    blob_key=bindparam("b_key"),
-                    content_hash=bindparam("b_key"),
-                    width=bindparam("b_w"),
-                    height=bindparam("b_h"),
-                    attempts=table.c.attempts + bindparam("b_attempts"),
-                    failure_reason=None,
-                    failure_detail=None,
-                    downloaded_at=now,
-                    updated_at=now,
-                ),
-                [
-                    {
-                        "b_id": o.image_id,
-                        "b_key": o.blob_key,
-                        "b_w": o.width,
-                        "b_h": o.height,
-                        "b_attempts": o.attempts,
-                    }
-                    for o in ok
-                ],
-            )
-        if bad:
-            conn.execute(
-                update(table)
-                .where(guard)
-                .values(
-                    state=ImageState.FAILED.value,
-                    failure_reason=bindparam("b_reason"),
-                    failure_detail=bindparam("b_detail"),
-                    attempts=table.c.attempts + bindparam("b_attempts"),
-                    updated_at=now,
-                ),
-                [
-                    {
-                        "b_id": o.image_id,
-                        "b_reason": o.reason.value if o.reason else None,
-                        "b_detail": o.detail,
-                        "b_attempts": o.attempts,
-                    }
-                    for o in bad
-                ],
-            )
+        transition(
+            conn,
+            ImageState.QUEUED.value,
+            [
+                {
+                    "b_id": o.image_id,
+                    "b_key": o.blob_key,
+                    "b_w": o.width,
+                    "b_h": o.height,
+                    "b_attempts": o.attempts,
+                }
+                for o in ok
+            ],
+            state=ImageState.DOWNLOADED.value,
+            blob_key=bindparam("b_key"),
+            content_hash=bindparam("b_key"),
+            width=bindparam("b_w"),
+            height=bindparam("b_h"),
+            attempts=table.c.attempts + bindparam("b_attempts"),
+            failure_reason=None,
+            failure_detail=None,
+            downloaded_at=now,
+        )
+        record_failures(
+            conn,
+            ImageState.QUEUED.value,
+            [(o.image_id, o.reason.value, o.detail, o.attempts) for o in bad if o.reason],
+        )
 
 
 def download_batch(image_ids: list[int], settings: Settings) -> list[DownloadOutcome]:

@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from PIL import Image as PILImage
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import select
 
+from db.images import record_failures, transition
 from db.schema import Crop as CropRow
 from db.schema import Embedding, Image, ImageState, Product, utcnow
 from db.session import session_scope
@@ -234,35 +235,18 @@ def _write(
                     for row, vector in zip(rows, vectors, strict=True)
                 ],
             )
-        images = Image.__table__
-        guard = (images.c.id == bindparam("b_id")) & (images.c.state == ImageState.DOWNLOADED.value)
-        if good:
-            conn.execute(
-                update(images)
-                .where(guard)
-                .values(state=ImageState.ANALYZED.value, analyzed_at=now, updated_at=now),
-                [{"b_id": item.image_id} for item in good],
-            )
-        if bad:
-            conn.execute(
-                update(images)
-                .where(guard)
-                .values(
-                    state=ImageState.FAILED.value,
-                    failure_reason=bindparam("b_reason"),
-                    failure_detail=bindparam("b_detail"),
-                    updated_at=now,
-                ),
-                [
-                    {
-                        "b_id": item.image_id,
-                        "b_reason": item.failure.reason.value,
-                        "b_detail": item.failure.detail,
-                    }
-                    for item in bad
-                    if item.failure
-                ],
-            )
+        transition(
+            conn,
+            ImageState.DOWNLOADED.value,
+            [{"b_id": item.image_id} for item in good],
+            state=ImageState.ANALYZED.value,
+            analyzed_at=now,
+        )
+        record_failures(
+            conn,
+            ImageState.DOWNLOADED.value,
+            [(i.image_id, i.failure.reason.value, i.failure.detail, 0) for i in bad if i.failure],
+        )
 
 
 def embedder_name(settings: Settings) -> str:
