@@ -7,31 +7,34 @@ cosine; FAISS returns *squared* L2, so that was ``2*cos - 1``.
 Which index, by size (n vectors of dimension d):
 
 * ``n < FLAT_MAX_VECTORS`` (20,000): exact ``IndexFlatIP``. At d=512 one query costs ~1.6 ms
-  single-threaded on the 2-core reference machine, the edge of the 2 ms budget; beyond that an
-  exact scan stops fitting, and below it an approximate index buys nothing.
-* otherwise an IVF in two stages, ``IVF{nlist},PQ{m}x8`` + ``SQ7r`` re-rank:
+  single-threaded on the 2-core reference machine, the edge of the 2 ms budget, and memory is
+  no concern (40 MB); above that, an exact scan no longer fits the latency.
+* otherwise ``IVF{nlist},SQ6+1``: an ``IndexIVFScalarQuantizer`` with nlist ≈ 4·sqrt(n) lists
+  (a power of two; spherical k-means on 24 sampled points per list) storing 6-bit codes of each
+  vector's residual to its list centroid, plus one refinement bit per dimension kept beside it.
+  FAISS scans the probed lists and shortlists k·rerank candidates by their 6-bit scores; the
+  extra bit then halves each coordinate's quantization error and the shortlist is re-sorted.
 
-  1. ``IndexIVFPQ`` finds candidates: nlist ≈ 4·sqrt(n) lists (a power of two, trained by
-     spherical k-means on ~40 points per list), residuals PQ-coded in d/16 bytes
-     (32 B at d=512). Cheap to scan, too coarse to rank: it only shortlists k·rerank ids.
-  2. The shortlist is re-scored from 7-bit scalar codes of each vector's residual to its IVF
-     centroid (d·7/8 bytes, 448 B at d=512), decoded in numpy.
+  Why 7 bits per dimension: near neighbours of embeddings shaped like CLIP's sit ~0.001 apart in
+  cosine, so ranking them takes precise codes. Measured on the benchmark data (recall@10 of a
+  perfect top-100 shortlist re-ranked): raw vectors SQ4 0.72, SQ6 0.92, SQ8 0.98; residuals
+  SQ6 0.958, 7 bits 0.976, SQ8 0.986 (residuals span a narrower range, so the same bits resolve
+  finer). PQ at 4 bits/dim gets 0.80. At 1M vectors float32 (2 GiB), fp16 (1 GiB) and SQ8
+  (512 MiB) leave no room in a 600 MB process; 7 bits are 448 MiB. FAISS has no 7-bit codec:
+  6 bits in FAISS (fast SIMD scanning) + 1 bit re-scored in numpy over the shortlist only.
 
-  Why 7-bit residual codes: near neighbours of CLIP-like embeddings sit ~0.001 apart in cosine,
-  so ranking them needs ~7 bits per dimension (measured on the benchmark data, recall@10 of a
-  perfect top-100 shortlist re-ranked: SQ4 0.72, SQ6 0.92, SQ8 0.98 on raw vectors; SQ6 0.958,
-  SQ7 0.976, SQ8 0.986 on residuals, which span a narrower range). Full floats (2 KiB/vector)
-  or SQ8 (512 B) do not fit the 600 MB budget at 1M vectors next to the rest; FAISS has no 7-bit
-  quantizer, hence the small codec below.
+  ``nprobe`` and ``rerank`` are tuned at build time to a recall target. 256 sampled vectors,
+  moved off the data by noise (``_query_like``) and never used for training, serve as queries;
+  their exact top-k is computed during a pass over the data. nprobe grows (rerank at its
+  maximum) until the recall's lower confidence bound (recall − 2 standard errors) reaches the
+  target, then rerank shrinks to the smallest value that still does. The chosen values and the
+  measured recall are kept with the index (``params``, ``describe()``).
 
-  ``nprobe`` and ``rerank`` are tuned at build time to a recall target: exact top-k of a few
-  hundred database vectors is computed during the add pass, then nprobe grows (re-rank at its
-  maximum) until the lower confidence bound of recall@k reaches the target, then rerank
-  shrinks to the smallest value that still does. The chosen values and the measured recall
-  are kept with the index (``describe()``).
+  The build streams the data three times (sample; assign; add) and holds at most the sample,
+  the index and one small chunk: at 1M x 512, ~47 s and ~550 MiB peak on 2 cores.
 
 Files: ``<name>.faiss`` (``faiss.write_index``), ``<name>.json`` (the sidecar: dim, n, type,
-params, model version, creation time) and for the IVF ``<name>.refine.npz`` (the re-rank codes
+params, model version, creation time) and for the IVF ``<name>.refine.npz`` (the extra bits
 and the crop ids). ``current.json`` in an index directory names the served file; every file is
 written to a temporary name and renamed, the pointer last, so a reader never sees half a file.
 """
@@ -46,7 +49,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -67,18 +69,19 @@ FORMAT_VERSION = 1
 CURRENT = "current.json"
 
 FLAT_MAX_VECTORS = 20_000
-SUB_CHUNK = 4096  # rows encoded at a time: bounds the build's temporary arrays (~8 MB each)
-TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39; more buys little and costs k-means time
+SUB_CHUNK = 2048  # rows encoded at a time: bounds the build's temporary arrays (~4 MB each)
+# k-means points per list: fewer than FAISS's advice (39) because k-means is the largest build
+# cost on two cores. Measured at 1M: k-means 15 s and recall@10 0.964 (40 per list: 52 s, 0.968).
+TRAIN_POINTS_PER_LIST = 24
 KMEANS_ITERATIONS = 10  # the lists only have to partition, not be optimal: 10 is plenty
-PQ_TRAIN_MAX = 65_536  # FAISS's own cap for PQ training (256 points x 256 centroids)
+SQ_TRAIN_MAX = 32_768  # plenty for per-dimension mean/sd; FAISS copies it twice while training
 CALIBRATION_QUERIES = 256
 QUERY_NOISE = 0.3  # calibration query = normalise(vector + 0.3·N(0, I/d)): cosine ~0.96 to it
 RECALL_K = 10
 NPROBE_STEPS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-RERANK_STEPS = (2, 3, 4, 6, 8, 12, 16, 24, 32)  # shortlist = k x rerank
-SQ_BITS = 7
-SQ_CLIP_SIGMAS = 3.5  # per-dimension range of the 7-bit codes: mean ± 3.5 sd (best measured)
-_SHIFTS = np.arange(8, dtype=np.uint64) * np.uint64(SQ_BITS)
+RERANK_STEPS = (1, 2, 3, 4, 6, 8, 12, 16)  # shortlist = k x rerank
+SQ_LEVELS = 63  # FAISS's 6-bit codec: code = floor(63·t) for t in [0, 1], decoded at +0.5
+SQ_RANGE_SIGMAS = 3.5  # each dimension's range: mean ± 3.5 sd of the residuals (best measured)
 
 
 # --- sizes ---------------------------------------------------------------------------------
@@ -88,86 +91,6 @@ def nlist_for(n: int) -> int:
     cores), capped so every list gets ``TRAIN_POINTS_PER_LIST`` training points."""
     target = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
     return max(1, min(target, n // TRAIN_POINTS_PER_LIST))
-
-
-def pq_subquantizers(dim: int) -> int:
-    """PQ sub-vectors of ~16 dimensions (32 bytes at d=512): enough to shortlist."""
-    m = max(1, dim // 16)
-    while dim % m:
-        m -= 1
-    return m
-
-
-# --- the 7-bit residual codec ----------------------------------------------------------------
-def pack7(codes: np.ndarray) -> np.ndarray:
-    """(n, 8g) uint8 values below 128 -> (n, 7g) bytes: eight 7-bit values per 7 bytes."""
-    n, width = codes.shape
-    groups = codes.reshape(n, width // 8, 8).astype(np.uint64)
-    words = np.bitwise_or.reduce(groups << _SHIFTS, axis=2)
-    return words.astype("<u8").view(np.uint8).reshape(n, width // 8, 8)[:, :, :7].reshape(n, -1)
-
-
-def unpack7(packed: np.ndarray) -> np.ndarray:
-    """Inverse of ``pack7`` over the last axis: (..., 7g) bytes -> (..., 8g) uint8."""
-    lead, width = packed.shape[:-1], packed.shape[-1]
-    groups = packed.reshape(-1, width // 7, 7)
-    wide = np.zeros((groups.shape[0], groups.shape[1], 8), np.uint8)
-    wide[:, :, :7] = groups
-    words = wide.view("<u8")  # (rows, g, 1)
-    values = (words >> _SHIFTS) & np.uint64(0x7F)
-    return values.astype(np.uint8).reshape(*lead, width // 7 * 8)
-
-
-@dataclass(frozen=True)
-class ResidualSQ7:
-    """Uniform 7-bit scalar quantizer of residuals, per-dimension range mean ± 3.5 sd.
-
-    Dimensions are padded to a multiple of 8 (padding codes are 0 and weigh nothing because
-    the padded query coordinates are 0)."""
-
-    lo: np.ndarray  # (padded_dim,) float32
-    step: np.ndarray  # (padded_dim,) float32
-
-    @property
-    def padded_dim(self) -> int:
-        return int(self.lo.shape[0])
-
-    @property
-    def code_size(self) -> int:
-        return self.padded_dim * SQ_BITS // 8
-
-    @classmethod
-    def train(cls, residuals: np.ndarray) -> ResidualSQ7:
-        dim = residuals.shape[1]
-        padded = -(-dim // 8) * 8
-        mean = residuals.mean(axis=0, dtype=np.float64)
-        sd = np.maximum(residuals.std(axis=0, dtype=np.float64), 1e-8)  # constant dims
-        lo = np.zeros(padded)
-        step = np.ones(padded)
-        lo[:dim] = mean - SQ_CLIP_SIGMAS * sd
-        step[:dim] = 2 * SQ_CLIP_SIGMAS * sd / 2**SQ_BITS
-        return cls(lo.astype(np.float32), step.astype(np.float32))
-
-    def encode(self, residuals: np.ndarray) -> np.ndarray:
-        padded = self._pad(residuals)
-        levels = np.floor((padded - self.lo) / self.step)
-        return pack7(np.clip(levels, 0, 2**SQ_BITS - 1).astype(np.uint8))
-
-    def scores(self, queries: np.ndarray, packed: np.ndarray) -> np.ndarray:
-        """q · decoded residual for (nq, d) queries and (nq, c, code_size) codes -> (nq, c).
-
-        decoded = lo + (code + 0.5)·step, so q·decoded = q·(lo + step/2) + code·(q∘step)."""
-        q = self._pad(queries)
-        offset = q @ (self.lo + 0.5 * self.step)
-        levels = unpack7(packed).astype(np.float32)
-        return np.einsum("qcd,qd->qc", levels, q * self.step) + offset[:, None]
-
-    def _pad(self, x: np.ndarray) -> np.ndarray:
-        if x.shape[1] == self.padded_dim:
-            return x
-        out = np.zeros((x.shape[0], self.padded_dim), np.float32)
-        out[:, : x.shape[1]] = x
-        return out
 
 
 # --- the two backends ------------------------------------------------------------------------
@@ -207,23 +130,26 @@ class _Flat:
         return self.ntotal * (self.index.d * 4 + 8)
 
 
-class _IVFRerank:
-    """IVF-PQ shortlist, re-ranked from 7-bit residual codes. FAISS ids are positions into
-    ``codes``/``lists``/``ids``; ``ids`` maps a position to its crop id."""
+class _IVFRefined:
+    """IVF-SQ6 shortlist (FAISS) re-scored with one more bit per dimension.
+
+    FAISS's 6-bit codec cuts each dimension's range into 63 cells and decodes a value at its
+    cell's centre. The extra bit says which half of its cell the value lies in, which moves
+    the decoded value a quarter cell: q·x ≈ (FAISS's score) + Σ q_d·(vdiff_d/252)·(2·bit_d − 1).
+    FAISS ids are positions into ``bits`` and ``ids``; ``ids`` maps a position to a crop id."""
 
     def __init__(
         self,
-        ivf: faiss.IndexIVFPQ,
-        codec: ResidualSQ7,
-        codes: np.ndarray,
-        lists: np.ndarray,
+        ivf: faiss.IndexIVFScalarQuantizer,
+        bits: np.ndarray,
         ids: np.ndarray,
         nprobe: int = 1,
         rerank: int = RERANK_STEPS[-1],
     ) -> None:
-        self.ivf, self.codec = ivf, codec
-        self.codes, self.lists, self.ids = codes, lists, ids
+        self.ivf, self.bits, self.ids = ivf, bits, ids
         self.nprobe, self.rerank = nprobe, rerank
+        _, vdiff = _sq_range(ivf)
+        self._quarter = (vdiff / (4 * SQ_LEVELS)).astype(np.float32)
 
     @property
     def ntotal(self) -> int:
@@ -231,75 +157,62 @@ class _IVFRerank:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         shortlist = k * self.rerank
-        nprobe = min(self.nprobe, self.ivf.nlist)
-        coarse, probed = self.ivf.quantizer.search(queries, nprobe)
-        self.ivf.nprobe = nprobe  # search_preassigned checks the probe count against it
-        _, pos = self.ivf.search_preassigned(queries, shortlist, probed, coarse)
+        # Per-call parameters, not ``ivf.nprobe``: searches may run in several threads at once.
+        params = faiss.SearchParametersIVF(nprobe=min(self.nprobe, self.ivf.nlist))
+        coarse, pos = self.ivf.search(queries, shortlist, params=params)
         scores = np.empty(pos.shape, np.float32)
-        block = max(1, 8192 // shortlist)  # bounds the decoded (block, shortlist, d) floats
+        block = max(1, 8192 // shortlist)  # bounds the unpacked (block, shortlist, d) bits
         for s in range(0, len(queries), block):
             e = s + block
-            scores[s:e] = self._rescore(queries[s:e], pos[s:e], probed[s:e], coarse[s:e])
+            scores[s:e] = self._refine(queries[s:e], coarse[s:e], pos[s:e])
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         best = np.take_along_axis(pos, order, axis=1)
         ids = np.where(best >= 0, self.ids[np.maximum(best, 0)], -1)
         return np.take_along_axis(scores, order, axis=1), ids
 
-    def _rescore(
-        self, queries: np.ndarray, pos: np.ndarray, probed: np.ndarray, coarse: np.ndarray
-    ) -> np.ndarray:
+    def _refine(self, queries: np.ndarray, coarse: np.ndarray, pos: np.ndarray) -> np.ndarray:
         valid = pos >= 0
-        safe = np.where(valid, pos, 0)
-        # q·x = q·centroid + q·residual; q·centroid is the coarse score of the candidate's list
-        centroid = _lookup(self.lists[safe], probed, coarse, self.ivf.nlist)
-        scores = centroid + self.codec.scores(queries, self.codes[safe])
+        packed = self.bits[np.where(valid, pos, 0)]
+        bits = np.unpackbits(packed, axis=-1, count=self.ivf.d).astype(np.float32)
+        weights = queries * self._quarter
+        scores = coarse + 2 * np.einsum("qcd,qd->qc", bits, weights)
+        scores -= weights.sum(axis=1, keepdims=True)
         scores[~valid] = -np.inf
         return scores
 
     def write(self, path: Path) -> None:
         def arrays(tmp: Path) -> None:
             with open(tmp, "wb") as handle:
-                np.savez(
-                    handle,
-                    codes=self.codes,
-                    lists=self.lists,
-                    ids=self.ids,
-                    lo=self.codec.lo,
-                    step=self.codec.step,
-                )
+                np.savez(handle, bits=self.bits, ids=self.ids)
 
         _atomic_write(_refine_path(path), arrays)
         _atomic_write(path, lambda tmp: faiss.write_index(self.ivf, str(tmp)))
 
     @classmethod
-    def read(cls, path: Path, params: dict[str, Any]) -> _IVFRerank:
-        ivf = faiss.read_index(str(path))  # already the IndexIVFPQ proxy, owning the index
+    def read(cls, path: Path, params: dict[str, Any]) -> _IVFRefined:
+        ivf = faiss.read_index(str(path))  # already the IndexIVFScalarQuantizer proxy
         with np.load(_refine_path(path)) as data:
-            codec = ResidualSQ7(data["lo"], data["step"])
-            return cls(
-                ivf,
-                codec,
-                data["codes"],
-                data["lists"],
-                data["ids"],
-                int(params["nprobe"]),
-                int(params["rerank"]),
-            )
+            bits, ids = data["bits"], data["ids"]
+        return cls(ivf, bits, ids, int(params["nprobe"]), int(params["rerank"]))
 
     def memory_bytes(self) -> int:
-        pq = self.ntotal * (self.ivf.code_size + 8)  # codes + int64 ids in the lists
+        lists = self.ntotal * (self.ivf.code_size + 8)  # SQ6 codes + int64 ids
         centroids = self.ivf.nlist * self.ivf.d * 4
-        return pq + centroids + self.codes.nbytes + self.lists.nbytes + self.ids.nbytes
+        return lists + centroids + self.bits.nbytes + self.ids.nbytes
 
 
-def _lookup(lists: np.ndarray, probed: np.ndarray, coarse: np.ndarray, nlist: int) -> np.ndarray:
-    """For each candidate's list (nq, c), its coarse score among the probed (nq, nprobe)."""
-    order = np.argsort(probed, axis=1)
-    row = np.arange(len(probed))[:, None] * (nlist + 1)  # rows never interleave
-    keys = (np.take_along_axis(probed, order, axis=1) + row).ravel()
-    values = np.take_along_axis(coarse, order, axis=1).ravel()
-    at = np.searchsorted(keys, (lists + row).ravel()).clip(0, len(keys) - 1)
-    return values[at].reshape(lists.shape)
+def _sq_range(ivf: faiss.IndexIVFScalarQuantizer) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension (vmin, vdiff) of the trained 6-bit quantizer."""
+    trained = faiss.vector_to_array(ivf.sq.trained)
+    return trained[: ivf.d], trained[ivf.d : 2 * ivf.d]
+
+
+def _extra_bits(residuals: np.ndarray, vmin: np.ndarray, vdiff: np.ndarray) -> np.ndarray:
+    """The refinement bit of each residual coordinate, packed 8 per byte. FAISS encodes
+    t = clip((r − vmin)/vdiff, 0, 1) as floor(63·t); the bit is the upper half of that cell."""
+    cells = np.clip((residuals - vmin) / vdiff, 0.0, 1.0)
+    cells *= np.float32(SQ_LEVELS)
+    return np.packbits(cells % 1.0 >= 0.5, axis=1)
 
 
 # --- the index ---------------------------------------------------------------------------------
@@ -342,9 +255,9 @@ class VectorIndex:
 
         ``vectors`` is a callable returning a fresh iterable of chunks (each call one pass
         over the data), or a re-iterable such as a list; a one-shot iterator is read into
-        memory first. Small inputs take one pass; the IVF takes a sampling pass (training
-        vectors at random positions) and an add pass, plus a counting pass if ``n_total``
-        is not given. A pass that yields another count than ``n_total`` is an error."""
+        memory first. Small inputs take one pass; the IVF takes three (sample, assign, add),
+        plus a counting pass if ``n_total`` is not given. Passes must yield the same ids in
+        the same order; anything else (another count than ``n_total``) is an error."""
         passes = _reiterable(vectors)
         n = n_total if n_total is not None else sum(len(ids) for ids, _ in _chunks(passes, dim))
         if n < flat_max:
@@ -379,27 +292,26 @@ class VectorIndex:
         picks = rng.choice(n, n_train + n_queries, replace=False)  # in random order
         rows = _collect(passes, dim, n, picks)
         # Calibration queries are never training points: k-means fits the lists around those,
-        # which would flatter the measured recall (0.97 vs 0.95 at 100k).
+        # which flattered the measured recall (0.97 measured vs 0.95 true at 100k).
         queries = _query_like(rows[n_train:], rng)
-        ivf = _train_ivf(rows[:n_train], dim, nlist, seed)
-        subset = rows[: min(n_train, PQ_TRAIN_MAX)].copy()  # rows are in random order
-        del rows  # the subset is all the later steps need
-        ivf.train(subset)  # the coarse quantizer is trained already: this trains the PQ
-        centroids = ivf.quantizer.reconstruct_n(0, nlist)
-        codec = ResidualSQ7.train(_residuals(ivf, centroids, subset))
-        del subset
-        backend, truth = _add_all(passes, dim, n, ivf, centroids, codec, queries)
+        ivf = _new_ivf(_kmeans(rows[:n_train], dim, nlist, seed), dim, nlist)
+        ivf.train(rows[: min(n_train, SQ_TRAIN_MAX)])  # lists are trained: this fits the SQ
+        del rows
+        ids, assign, truth = _assign_all(passes, dim, n, ivf.quantizer, queries)
+        _reserve(ivf, assign)
+        bits = _add_all(passes, dim, n, ivf, ids, assign)
+        del assign
+        backend = _IVFRefined(ivf, bits, ids)
         found = _tune(backend, queries, truth, target)
         params = {
             "metric": "inner_product",
             "nlist": nlist,
-            "pq_m": ivf.pq.M,
-            "refine": f"SQ{SQ_BITS}r",
+            "refine_bits": 1,
             **found,
             "recall_target": target,
             "build_seconds": round(time.monotonic() - started, 1),
         }
-        index_type = f"IVF{nlist},PQ{ivf.pq.M}x8,RerankSQ{SQ_BITS}r"
+        index_type = f"IVF{nlist},SQ6+1"
         return cls(backend, dim, index_type, params, mv)
 
     # --- use ---------------------------------------------------------------------------------
@@ -449,7 +361,7 @@ class VectorIndex:
         if meta["index_type"] == "Flat":
             backend = _Flat(faiss.read_index(str(path)))
         else:
-            backend = _IVFRerank.read(path, params)
+            backend = _IVFRefined.read(path, params)
         if backend.ntotal != meta["n"]:
             raise ValueError(f"{path}: holds {backend.ntotal} vectors, sidecar says {meta['n']}")
         return cls(
@@ -512,21 +424,28 @@ def _collect(
     return out
 
 
-def _train_ivf(sample: np.ndarray, dim: int, nlist: int, seed: int) -> faiss.IndexIVFPQ:
-    """Spherical k-means for the lists (unit centroids: the coarse inner product is a cosine),
-    then an untrained IVF-PQ around them."""
+def _kmeans(sample: np.ndarray, dim: int, nlist: int, seed: int) -> faiss.IndexFlatIP:
+    """The coarse quantizer: spherical k-means, so centroids are unit vectors and the coarse
+    inner product is a cosine like every other score."""
     clustering = faiss.Clustering(dim, nlist)
     clustering.niter = KMEANS_ITERATIONS
     clustering.spherical = True
     clustering.seed = seed
-    clustering.max_points_per_centroid = TRAIN_POINTS_PER_LIST + 1  # we sampled already
+    clustering.min_points_per_centroid = TRAIN_POINTS_PER_LIST  # we chose it: no warning
+    clustering.max_points_per_centroid = TRAIN_POINTS_PER_LIST + 1  # sampled already
     quantizer = faiss.IndexFlatIP(dim)
     clustering.train(sample, quantizer)
-    ivf = faiss.IndexIVFPQ(
-        quantizer, dim, nlist, pq_subquantizers(dim), 8, faiss.METRIC_INNER_PRODUCT
+    return quantizer
+
+
+def _new_ivf(quantizer: faiss.IndexFlatIP, dim: int, nlist: int) -> faiss.IndexIVFScalarQuantizer:
+    """IVF over ``quantizer`` storing 6-bit codes of each vector's residual to its centroid:
+    residuals span a narrower range than the vectors, so the same bits resolve finer."""
+    ivf = faiss.IndexIVFScalarQuantizer(
+        quantizer, dim, nlist, faiss.ScalarQuantizer.QT_6bit, faiss.METRIC_INNER_PRODUCT, True
     )
-    ivf.pq.cp.niter = KMEANS_ITERATIONS
-    ivf.pq.cp.seed = seed
+    ivf.sq.rangestat = faiss.ScalarQuantizer.RS_meanstd
+    ivf.sq.rangestat_arg = SQ_RANGE_SIGMAS
     return ivf
 
 
@@ -542,44 +461,69 @@ def _query_like(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def _residuals(ivf: faiss.IndexIVFPQ, centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
-    _, assign = ivf.quantizer.search(x, 1)
-    return x - centroids[assign[:, 0]]
+def _assign_all(
+    passes: Callable[[], Iterable[Chunk]],
+    dim: int,
+    n: int,
+    quantizer: faiss.Index,
+    queries: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First full pass: every vector's list (so the lists can be allocated at their final
+    size) and, on the way, the exact top-k of the calibration queries."""
+    ids = np.empty(n, np.int64)
+    assign = np.empty(n, np.int32)
+    heap = faiss.ResultHeap(len(queries), RECALL_K, keep_max=True)
+    start = 0
+    for chunk_ids, x in _chunks(passes, dim):
+        end = start + len(x)
+        if end > n:
+            raise ValueError(f"the vectors changed between passes: more than {n}")
+        ids[start:end] = chunk_ids
+        assign[start:end] = quantizer.search(x, 1)[1][:, 0]
+        scores, local = faiss.knn(queries, x, min(RECALL_K, len(x)), faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, np.where(local >= 0, chunk_ids[np.maximum(local, 0)], -1))
+        start = end
+    _check_count(start, n)
+    heap.finalize()
+    return ids, assign, heap.I
+
+
+def _reserve(ivf: faiss.IndexIVFScalarQuantizer, assign: np.ndarray) -> None:
+    """Allocate every inverted list at its final size: lists grown chunk by chunk keep up to
+    twice the capacity they need (std::vector doubling), on the largest structure there is."""
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    for list_no, size in enumerate(np.bincount(assign, minlength=ivf.nlist).tolist()):
+        if size:
+            lists.resize(list_no, size)  # exact capacity...
+            lists.resize(list_no, 0)  # ...kept while the list is emptied for the add pass
 
 
 def _add_all(
     passes: Callable[[], Iterable[Chunk]],
     dim: int,
     n: int,
-    ivf: faiss.IndexIVFPQ,
-    centroids: np.ndarray,
-    codec: ResidualSQ7,
-    queries: np.ndarray,
-) -> tuple[_IVFRerank, np.ndarray]:
-    """The add pass. It also computes the exact top-k of the calibration queries, so recall
-    can be measured without another pass over the data."""
-    codes = np.empty((n, codec.code_size), np.uint8)  # pages become resident as they fill
-    lists = np.empty(n, np.int32)
-    ids = np.empty(n, np.int64)
-    heap = faiss.ResultHeap(len(queries), RECALL_K, keep_max=True)
+    ivf: faiss.IndexIVFScalarQuantizer,
+    ids: np.ndarray,
+    assign: np.ndarray,
+) -> np.ndarray:
+    """Second full pass: add with the assignment of the first, and keep the extra bits."""
+    vmin, vdiff = _sq_range(ivf)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    centroids = faiss.rev_swig_ptr(quantizer.get_xb(), ivf.nlist * dim).reshape(ivf.nlist, dim)
+    bits = np.empty((n, -(-dim // 8)), np.uint8)
     start = 0
     for chunk_ids, x in _chunks(passes, dim):
         end = start + len(x)
-        if end > n:
-            break
-        _, assign = ivf.quantizer.search(x, 1)
-        assign = assign[:, 0]
+        if end > n or not np.array_equal(ids[start:end], chunk_ids):
+            raise ValueError("the vectors changed between passes (other ids or order)")
+        lists = assign[start:end].astype(np.int64)
         positions = np.arange(start, end, dtype=np.int64)  # named: add_preassigned drops
-        add_preassigned(ivf, x, assign, positions)  # its own reference before using the pointer
-        codes[start:end] = codec.encode(x - centroids[assign])
-        lists[start:end] = assign
-        ids[start:end] = chunk_ids
-        scores, local = faiss.knn(queries, x, min(heap.k, len(x)), faiss.METRIC_INNER_PRODUCT)
-        heap.add_result(scores, np.where(local >= 0, chunk_ids[np.maximum(local, 0)], -1))
+        add_preassigned(ivf, x, lists, positions)  # its own reference before using it
+        x -= centroids[lists]  # x is our copy and FAISS is done with it: the residuals
+        bits[start:end] = _extra_bits(x, vmin, vdiff)
         start = end
     _check_count(start, n)
-    heap.finalize()
-    return _IVFRerank(ivf, codec, codes, lists, ids), heap.I
+    return bits
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -588,7 +532,7 @@ def _recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def _tune(
-    backend: _IVFRerank, queries: np.ndarray, truth: np.ndarray, target: float
+    backend: _IVFRefined, queries: np.ndarray, truth: np.ndarray, target: float
 ) -> dict[str, Any]:
     """Smallest nprobe, then smallest rerank, whose recall@k meets ``target`` with margin:
     the sample recall minus two standard errors, so the target holds beyond these queries."""
@@ -646,9 +590,10 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         os.close(dir_fd)
 
 
-def write_versioned(index: VectorIndex, directory: str | Path) -> Path:
+def write_versioned(index: VectorIndex, directory: str | Path, *, keep: int = 3) -> Path:
     """Save as ``index-<UTC timestamp>-<n>.faiss`` in ``directory``, then repoint
-    ``current.json`` at it: readers switch only to a completely written index."""
+    ``current.json`` at it: readers switch only to a completely written index. The ``keep``
+    newest versions stay on disk (a reader may still be loading the previous one)."""
     directory = Path(directory)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     path = index.save(directory / f"index-{stamp}-{index.ntotal}.faiss")
@@ -659,7 +604,21 @@ def write_versioned(index: VectorIndex, directory: str | Path) -> Path:
         "switched_at": datetime.now(UTC).isoformat(),
     }
     _atomic_write(directory / CURRENT, lambda tmp: tmp.write_text(json.dumps(pointer)))
+    _prune(directory, keep=max(1, keep))
     return path
+
+
+def _prune(directory: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete versions (the names sort by time). A version
+    counts once its sidecar, written last, exists; files being written are never touched."""
+    served = current_path(directory)
+    sidecars = sorted(directory.glob("index-*.json"))
+    for sidecar in sidecars[:-keep]:
+        path = sidecar.with_suffix(".faiss")
+        if path == served:  # a rollback may point at an old version
+            continue
+        for file in (_refine_path(path), path, sidecar):  # the sidecar last, as it came first
+            file.unlink(missing_ok=True)
 
 
 def current_path(directory: str | Path) -> Path:
@@ -732,7 +691,7 @@ class IndexHolder:
 
 # --- from the database -------------------------------------------------------------------------
 def build_from_database(
-    settings: Settings, model_version_id: int, directory: str | Path, *, chunk_rows: int = 20_000
+    settings: Settings, model_version_id: int, directory: str | Path, *, chunk_rows: int = 5_000
 ) -> Path:
     """Index every embedding of ``model_version_id``, switch ``directory`` to it and record
     the build as the active one. Rows added during the build wait for the next build: the
