@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from models.index import build_from_database
 from PIL import Image
 from sqlalchemy import select
 
@@ -30,6 +29,7 @@ from flickd.synthetic import faults
 from flickd.synthetic.catalog import Catalog, generate_catalog, write_feed
 from flickd.synthetic.server import CatalogServer
 from models.embedder import Embedder
+from models.index import build_from_database
 from producer.ingest import ingest
 from tests.conftest import FAST_DOWNLOADS
 from tests.models_fixtures import tiny_models
