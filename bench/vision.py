@@ -35,6 +35,7 @@ from db.session import session_scope
 from flickd.procs import catalog_server, celery_worker
 from flickd.settings import Settings
 from flickd.synthetic.catalog import generate_catalog, write_feed
+from models.device import set_mixed_precision
 
 PREFIX = broker_prefix()  # this run's own Redis keys
 
@@ -92,7 +93,14 @@ def _stage_seconds(log_text: str) -> dict[str, float]:
 
 
 def pipeline(
-    catalog, models: dict[str, Path], batch: int, device: str, work: Path, db_url: str, warmup
+    catalog,
+    models: dict[str, Path],
+    batch: int,
+    device: str,
+    work: Path,
+    db_url: str,
+    warmup,
+    precision: str,
 ) -> tuple[float, int, dict[str, float]]:  # type: ignore[no-untyped-def]
     from producer.ingest import ingest
 
@@ -108,6 +116,7 @@ def pipeline(
         embedding_model=str(models["clip"]),
         device=device,
         analyze_batch_size=batch,
+        mixed_precision=precision == "amp",
     )
     gpu_log = work / "gpu-worker.log"
     with (
@@ -145,9 +154,21 @@ def main() -> None:
     parser.add_argument("--size", choices=["tiny", "base"], default="base")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--precision",
+        choices=["amp", "fp32"],
+        default="amp",
+        help="amp: bf16/fp16 autocast on CUDA (CPU always runs fp32)",
+    )
+    parser.add_argument(
+        "--bare-only",
+        action="store_true",
+        help="only the bare-model loop (a GPU machine without Postgres/Redis)",
+    )
     args = parser.parse_args()
     stop_children_on_sigterm()
     print(machine())
+    print(f"precision: {args.precision if args.device.startswith('cuda') else 'fp32 (CPU)'}")
     print(
         f"torch threads: {torch.get_num_threads()}; device {args.device}; batch {args.batch}; "
         f"models: {args.size} (offline build, real architecture)"
@@ -161,16 +182,19 @@ def main() -> None:
         work / "warmup", max(1, args.batch // 2), seed=3, size="full", images_per_product=(2, 2)
     )
     paths = [catalog.image_path(img) for img in catalog.images]
-    settings = Settings()
+    settings = Settings(mixed_precision=args.precision == "amp")
+    set_mixed_precision(settings.mixed_precision)
     bare, bare_crops = bare_loop(paths, models, args.batch, args.device, settings)
     print(
         f"bare models (detector + embedder, plain loop): {bare:.2f} images/s "
         f"({len(paths)} images, {bare_crops} crops)"
     )
+    if args.bare_only:
+        return
     with scratch_postgres() as db_url:
         flush_redis(REDIS)
         rate, crops, stages = pipeline(
-            catalog, models, args.batch, args.device, work, db_url, warmup
+            catalog, models, args.batch, args.device, work, db_url, warmup, args.precision
         )
         flush_redis(REDIS)
     print(f"pipeline (queue, blob store, database): {rate:.2f} images/s ({crops} crops)")

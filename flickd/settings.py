@@ -67,6 +67,7 @@ class Settings(BaseSettings):
 
     # --- vision (GPU workers) ------------------------------------------------------------------
     device: str | None = None  # "cuda", "cuda:1", "cpu"; default: CUDA when present
+    mixed_precision: bool = True  # bf16/fp16 autocast on CUDA (never on CPU)
     detector_model: str = "valentinafeve/yolos-fashionpedia"  # hub id, local dir, or "none"
     embedding_model: str = "openai/clip-vit-base-patch32"
     detection_threshold: float = 0.5

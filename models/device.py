@@ -57,13 +57,23 @@ def _log_once(device: torch.device, source: str) -> None:
         log.info("vision models run on %s (%s)", device, source)
 
 
+_mixed_precision = True  # process-wide policy, set from settings when models are loaded
+
+
+def set_mixed_precision(enabled: bool) -> None:
+    """Turn reduced precision on CUDA on or off for this process (FLICKD_MIXED_PRECISION)."""
+    global _mixed_precision
+    _mixed_precision = enabled
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The reduced-precision dtype used on ``device``, or None for full float32 (CPU).
+    """The reduced-precision dtype used on ``device``, or None for full float32 (CPU, or
+    mixed precision turned off).
 
     bf16 where the GPU supports it (Ampere and later): same exponent range as float32, so no
     overflow in attention logits; fp16 on older cards.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or not _mixed_precision:
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 

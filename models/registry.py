@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from models.device import select_device
+from models.device import select_device, set_mixed_precision
 
 if TYPE_CHECKING:
     from flickd.settings import Settings
@@ -62,6 +62,7 @@ def _cached(
 def get_detector(settings: Settings) -> Detector | None:
     """The process's detector, or None when detection is off (``FLICKD_DETECTOR_MODEL=none``):
     every image then yields one whole-image crop."""
+    set_mixed_precision(settings.mixed_precision)
     name = settings.detector_model.strip()
     if name.lower() == DETECTION_OFF:
         return None
@@ -89,6 +90,7 @@ def get_embedder(settings: Settings) -> Embedder:
 
 def get_embedder_by_name(name: str, settings: Settings) -> Embedder:
     """A CLIP embedder by hub id or directory (e.g. a fine-tuned version's), cached."""
+    set_mixed_precision(settings.mixed_precision)
 
     def load(name: str, device: torch.device) -> Embedder:
         from models.embedder import Embedder

@@ -129,3 +129,17 @@ def test_unknown_hub_id_offline_is_a_clear_error() -> None:
     settings = Settings(device="cpu", embedding_model="nobody/no-such-clip")
     with pytest.raises(ModelLoadError, match=r"(?s)nobody/no-such-clip.*models\.build"):
         registry.get_embedder(settings)
+
+
+def test_mixed_precision_setting_turns_autocast_off_for_cuda():
+    import torch
+
+    from models.device import autocast_dtype, set_mixed_precision
+
+    try:
+        set_mixed_precision(False)
+        assert autocast_dtype(torch.device("cuda")) is None  # full float32 when asked
+        set_mixed_precision(True)
+        assert autocast_dtype(torch.device("cpu")) is None  # never on CPU
+    finally:
+        set_mixed_precision(True)
