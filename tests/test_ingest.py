@@ -193,3 +193,23 @@ def test_distributed_ingest_through_real_worker(pg_settings, catalog, server, tm
     assert _counts(pg_settings)["downloaded"] == len(catalog.images)
     again = ingest(feed, pg_settings)
     assert again.enqueued == 0 and again.already_known == len(catalog.images)
+
+
+@pytest.mark.services
+def test_cli_ingest_wait_follows_a_distributed_run(pg_settings, catalog, server, tmp_path):
+    """Distributed mode: `flickd ingest --wait` returns only when every image is done."""
+    feed = tmp_path / "feed.csv"
+    write_feed(catalog, feed, server.base_url)
+    with celery_worker(pg_settings, queues="download", concurrency=1):
+        out = subprocess.run(
+            [sys.executable, "-m", "flickd.cli", "ingest", str(feed), "--wait", "--json"],
+            env=settings_env(pg_settings),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+    result = json.loads(out.stdout)
+    assert result["status"] == "done"
+    assert result["images_by_state"] == {"downloaded": len(catalog.images)}
