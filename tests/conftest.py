@@ -4,6 +4,8 @@ processes, settings for embedded (SQLite) and distributed (Postgres + Redis) mod
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,14 @@ from db.session import dispose_engines
 from flickd.procs import ROOT, celery_worker, settings_env, stop_process_group
 from flickd.settings import Settings, reset_settings
 
-__all__ = ["ROOT", "celery_worker", "settings_env", "stop_process_group", "wait_for_run"]
+__all__ = [
+    "ROOT",
+    "celery_worker",
+    "run_flickd",
+    "settings_env",
+    "stop_process_group",
+    "wait_for_run",
+]
 
 PG_ADMIN_URL = os.environ.get(
     "FLICKD_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -140,6 +149,23 @@ FAST_DOWNLOADS = {
     "download_threads": 8,
     "last_stage": "download",
 }
+
+
+def run_flickd(
+    *args: str, env: dict[str, str], timeout: float = 300, expect_ok: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run the `flickd` command line as a user would, in a process of its own."""
+    out = subprocess.run(
+        [sys.executable, "-m", "flickd.cli", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if expect_ok:
+        assert out.returncode == 0, out.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from flickd.procs import ROOT, settings_env
 from flickd.settings import Settings
+from tests.conftest import run_flickd, settings_env
 
 
 def test_demo_command_runs_everything_and_writes_a_report(tmp_path):
     env = settings_env(Settings())
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flickd.cli",
-            "demo",
-            "--out",
-            str(tmp_path / "demo"),
-            "--products",
-            "40",
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    out = run_flickd(
+        "demo", "--out", str(tmp_path / "demo"), "--products", "40", env=env, timeout=600
     )
-    assert out.returncode == 0, out.stderr[-3000:]
     assert "fine-tuned CLIP" in out.stdout
     image_lines = [line for line in out.stdout.splitlines() if "'image of " in line]
     assert len(image_lines) == 3

@@ -186,16 +186,9 @@ def _count_state(settings: Settings, state: str) -> int:
 
 
 def test_worker_command_rejects_embedded_mode(tmp_path):
-    from tests.conftest import ROOT, settings_env
+    from tests.conftest import run_flickd, settings_env
 
     env = settings_env(Settings(data_dir=tmp_path))
-    proc = subprocess.run(
-        [sys.executable, "-m", "flickd.cli", "worker"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_flickd("worker", env=env, timeout=60, expect_ok=False)
     assert proc.returncode != 0
     assert "FLICKD_BROKER_URL" in proc.stderr

@@ -16,7 +16,7 @@ from flickd.settings import Settings
 from flickd.synthetic.catalog import generate_catalog, write_feed
 from flickd.synthetic.server import CatalogServer
 from producer.ingest import ingest
-from tests.conftest import ROOT, celery_worker, settings_env, wait_for_run
+from tests.conftest import celery_worker, run_flickd, settings_env, wait_for_run
 
 
 @pytest.fixture(scope="module")
@@ -155,29 +155,13 @@ def test_cli_ingest_json_on_embedded_default(catalog, server, tmp_path):
     write_feed(catalog, feed, server.base_url)
     env = settings_env(Settings(data_dir=tmp_path / "data", allowed_networks=["127.0.0.0/8"]))
     env["FLICKD_LAST_STAGE"] = "download"
-    out = subprocess.run(
-        [sys.executable, "-m", "flickd.cli", "ingest", str(feed), "--json"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    out = run_flickd("ingest", str(feed), "--json", env=env, timeout=120)
     result = json.loads(out.stdout)
     assert result["status"] == "done"
     assert result["enqueued"] == len(catalog.images)
     assert result["images_by_state"] == {"downloaded": len(catalog.images)}
 
-    status = subprocess.run(
-        [sys.executable, "-m", "flickd.cli", "status", "--json"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    status = run_flickd("status", "--json", env=env, timeout=60)
     assert json.loads(status.stdout)["images_by_state"] == {"downloaded": len(catalog.images)}
 
 
@@ -201,14 +185,8 @@ def test_cli_ingest_wait_follows_a_distributed_run(pg_settings, catalog, server,
     feed = tmp_path / "feed.csv"
     write_feed(catalog, feed, server.base_url)
     with celery_worker(pg_settings, queues="download", concurrency=1):
-        out = subprocess.run(
-            [sys.executable, "-m", "flickd.cli", "ingest", str(feed), "--wait", "--json"],
-            env=settings_env(pg_settings),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
+        out = run_flickd(
+            "ingest", str(feed), "--wait", "--json", env=settings_env(pg_settings), timeout=120
         )
     result = json.loads(out.stdout)
     assert result["status"] == "done"

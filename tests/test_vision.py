@@ -178,25 +178,14 @@ def test_cli_build_models_ingest_and_show(catalog, server, tmp_path):
     """The whole flow from the command line on the embedded default: build offline models,
     ingest, then `flickd show` a product's crops."""
     import json
-    import subprocess
-    import sys
 
-    from flickd.procs import ROOT, settings_env
     from flickd.settings import Settings
+    from tests.conftest import run_flickd, settings_env
 
     env = settings_env(Settings(data_dir=tmp_path / "data", allowed_networks=["127.0.0.0/8"]))
 
     def flickd(*args: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "flickd.cli", *args],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        return out.stdout
+        return run_flickd(*args, env=env).stdout
 
     printed = flickd("models", "build", str(tmp_path / "models"), "--size", "tiny")
     for line in printed.splitlines():
