@@ -244,7 +244,13 @@ def _finalize(settings: Settings) -> FinalizeOutcome:
         path = refresh_index(settings)
         return FinalizeOutcome("finetuned", {**detail, "index": str(path)})
     path = refresh_index(settings)
-    return FinalizeOutcome("indexed" if path else "nothing", {"index": str(path)})
+    if path is not None:
+        return FinalizeOutcome("indexed", {"index": str(path)})
+    # No path: either nothing is analysed yet, or crops lacked embeddings under the active
+    # model and a re-embedding was queued (the index is built when it finishes).
+    with session_scope(settings) as session:
+        pending = active_embedder(session) is not None
+    return FinalizeOutcome("reembedding" if pending else "nothing", {})
 
 
 def _mark(run_id: int | None, status: str, settings: Settings) -> None:
