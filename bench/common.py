@@ -62,7 +62,7 @@ def scratch_postgres() -> Iterator[str]:
 
     from db.migrate import upgrade
     from db.session import dispose_engines
-    from flickd.settings import Settings
+    from flickd.core.settings import Settings
 
     name = f"flickd_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
@@ -93,7 +93,7 @@ def truncate(database_url: str) -> None:
 
     from db.schema import Base
     from db.session import get_engine
-    from flickd.settings import Settings
+    from flickd.core.settings import Settings
 
     tables = ", ".join(t.name for t in reversed(Base.metadata.sorted_tables))
     with get_engine(Settings(database_url=database_url)).begin() as conn:

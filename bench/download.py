@@ -23,9 +23,9 @@ from bench.common import (
     stop_children_on_sigterm,
     truncate,
 )
-from flickd.procs import catalog_server, celery_worker
-from flickd.settings import Settings
-from flickd.synthetic.catalog import Catalog, generate_catalog
+from flickd.core.settings import Settings
+from synthetic.catalog import Catalog, generate_catalog
+from synthetic.procs import catalog_server, celery_worker
 
 PREFIX = broker_prefix()  # this run's own Redis keys
 

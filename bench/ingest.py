@@ -29,7 +29,7 @@ from bench.common import (
     stop_children_on_sigterm,
     truncate,
 )
-from flickd.settings import Settings
+from flickd.core.settings import Settings
 
 PREFIX = broker_prefix()  # this run's own Redis keys
 
@@ -67,9 +67,8 @@ def child_naive(feed: Path, db_url: str, work: Path, limit: int) -> dict[str, fl
 
     from db.schema import Image, IngestRun, Product
     from db.session import session_scope
+    from flickd.core.broker import DOWNLOAD_TASK, get_app
     from producer.feeds import url_hash
-    from workers.app import get_app
-    from workers.pipeline import DOWNLOAD_TASK
 
     settings = _settings(db_url, work)
     import workers.tasks  # noqa: F401
@@ -136,7 +135,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from flickd.synthetic.catalog import write_big_feed
+    from synthetic.catalog import write_big_feed
 
     stop_children_on_sigterm()
     print(machine())

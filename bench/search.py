@@ -25,8 +25,8 @@ from sqlalchemy import text
 from bench.common import machine, scratch_postgres, stop_children_on_sigterm
 from bench.index import generate, read_chunks
 from db.session import get_engine
-from flickd.procs import free_port, spawn
-from flickd.settings import Settings
+from flickd.core.settings import Settings
+from synthetic.procs import free_port, spawn
 
 QUERIES = [
     "a photo of a red dress",

@@ -32,10 +32,10 @@ from bench.common import (
 from db.runs import wait_for_run
 from db.schema import Crop, Image
 from db.session import session_scope
-from flickd.procs import catalog_server, celery_worker
-from flickd.settings import Settings
-from flickd.synthetic.catalog import generate_catalog, write_feed
+from flickd.core.settings import Settings
 from models.device import set_mixed_precision
+from synthetic.catalog import generate_catalog, write_feed
+from synthetic.procs import catalog_server, celery_worker
 
 PREFIX = broker_prefix()  # this run's own Redis keys
 
@@ -54,10 +54,10 @@ def bare_loop(
     paths: list[Path], models: dict[str, Path], batch: int, device: str, settings: Settings
 ) -> tuple[float, int]:
     """Detector + embedder on the same images and batch size, nothing else around them."""
+    from flickd.fetching.imaging import decode_image
     from models.crops import crop_image, plan_crops
     from models.detector import Detector
     from models.embedder import Embedder
-    from workers.imaging import decode_image
 
     detector = Detector(
         models["detector"], device=device, threshold=settings.detection_threshold, batch_size=batch

@@ -8,7 +8,7 @@ from alembic import command
 from alembic.config import Config
 
 from db.session import get_engine
-from flickd.settings import Settings, get_settings
+from flickd.core.settings import Settings, get_settings
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

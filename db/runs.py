@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -11,7 +12,7 @@ from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from db.schema import Image, ImageState, IngestRun, Product, RunStatus, utcnow
-from flickd.settings import Settings
+from flickd.core.settings import Settings
 
 
 def terminal_states(last_stage: str) -> tuple[str, ...]:
@@ -37,6 +38,26 @@ def finish_run_if_complete(session: Session, run_id: int, last_stage: str) -> bo
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
+
+
+def close_runs(settings: Settings, run_ids: Iterable[int | None]) -> list[int]:
+    """Close every run of ``run_ids`` whose images are all terminal; return the runs *this*
+    caller closed. When a final task is due, each closed run is marked for it in the same
+    transaction, so the caller must send it (and a reconciler finds it if that send is lost)."""
+    from db.session import session_scope
+
+    closed = []
+    for run_id in sorted({r for r in run_ids if r is not None}):
+        with session_scope(settings) as session:
+            if finish_run_if_complete(session, run_id, settings.last_stage):
+                if settings.finalize_enabled:
+                    session.execute(
+                        update(IngestRun)
+                        .where(IngestRun.id == run_id)
+                        .values(finalize_status="queued")
+                    )
+                closed.append(run_id)
+    return closed
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-from flickd.settings import Settings, get_settings
+from flickd.core.settings import Settings, get_settings
 
 _lock = threading.Lock()
 _engines: dict[tuple[str, int], Engine] = {}

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flickd.settings import Settings
+from flickd.core.settings import Settings
 from models.device import autocast_dtype, select_device
 from models.embedder import Embedder, _projected
 from models.loading import load_pretrained, model_version, pretrained_kwargs
@@ -142,7 +142,7 @@ class Pair:
         return f"{self.colour_name or ''}|{self.fine_label or ''}"
 
     def image(self) -> Image.Image:
-        from flickd.blobstore import BlobStore
+        from flickd.core.blobstore import BlobStore
 
         with Image.open(io.BytesIO(BlobStore(self.blob_dir).get(self.blob_key))) as image:
             return image.convert("RGB")

@@ -58,7 +58,7 @@ import numpy as np
 from faiss.contrib.ivf_tools import add_preassigned
 
 if TYPE_CHECKING:
-    from flickd.settings import Settings
+    from flickd.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 from models.device import select_device, set_mixed_precision
 
 if TYPE_CHECKING:
-    from flickd.settings import Settings
+    from flickd.core.settings import Settings
     from models.detector import Detector
     from models.embedder import Embedder
 

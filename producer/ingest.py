@@ -38,12 +38,13 @@ from sqlalchemy import (
     update,
 )
 
+from db.runs import close_runs
 from db.schema import Image, ImageState, IngestRun, Product, RejectedRow, RunStatus, utcnow
 from db.session import get_engine, session_scope
 from db.versions import dialect_insert
-from flickd.settings import Settings
+from flickd.core.broker import DOWNLOAD_TASK, FINALIZE_TASK, enqueue, send
+from flickd.core.settings import Settings
 from producer.feeds import FeedChunk, FeedColumns, FeedError, read_feed, url_hash
-from workers.pipeline import DOWNLOAD_TASK, enqueue, finish_runs
 
 log = logging.getLogger(__name__)
 
@@ -380,8 +381,10 @@ def ingest(
     summary.status = RunStatus.ENQUEUED.value
     _save_summary(summary, settings, status=summary.status, enqueued_at=utcnow())
     # Workers may all have finished before the producer did; one of us closes the run.
-    if finish_runs([summary.run_id], settings):
+    if close_runs(settings, [summary.run_id]):
         summary.status = RunStatus.DONE.value
+        if settings.finalize_enabled:
+            send(FINALIZE_TASK, [[summary.run_id]], settings)
     log.info("ingest enqueued run_id=%s %s", summary.run_id, summary.to_dict())
     return summary
 

@@ -15,8 +15,8 @@ import pytest
 from db.migrate import upgrade
 from db.runs import wait_for_run
 from db.session import dispose_engines
-from flickd.procs import ROOT, celery_worker, settings_env, stop_process_group
-from flickd.settings import Settings, reset_settings
+from flickd.core.settings import Settings, reset_settings
+from synthetic.procs import ROOT, celery_worker, settings_env, stop_process_group
 
 __all__ = [
     "ROOT",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flickd.settings import Settings
+from flickd.core.settings import Settings
 
 # Short limits so every failure path finishes in well under a second or two.
 FAST: dict[str, Any] = {

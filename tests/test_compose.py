@@ -24,10 +24,10 @@ import yaml
 from click.testing import CliRunner
 
 from flickd.cli import main
-from flickd.procs import ROOT, settings_env, stop_process_group, wait_for_log
-from flickd.settings import Settings
-from flickd.synthetic.catalog import generate_catalog, write_feed
-from flickd.synthetic.server import CatalogServer
+from flickd.core.settings import Settings
+from synthetic.catalog import generate_catalog, write_feed
+from synthetic.procs import ROOT, settings_env, stop_process_group, wait_for_log
+from synthetic.server import CatalogServer
 from tests.models_fixtures import tiny_models
 from tests.test_flower import flower_get
 from tests.test_metrics import by_label, free_port, scrape
@@ -244,7 +244,7 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60)
 def _api_import_error() -> str | None:
     """Why the API cannot start yet (it is being written beside this), or None."""
     try:
-        import flickd.api
+        import flickd.services.api
     except ImportError as error:
         return f"{type(error).__name__}: {error}"
     return None

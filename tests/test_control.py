@@ -20,12 +20,12 @@ from sqlalchemy import func, select, update
 from db.schema import Crop, Embedding, Image, IngestRun, ModelVersion, Product
 from db.session import session_scope
 from flickd.cli import main
-from flickd.metrics import queue_lengths
-from flickd.procs import wait_for_log
-from flickd.settings import Settings, reset_settings
-from flickd.synthetic.catalog import generate_catalog
-from flickd.synthetic.server import CatalogServer
+from flickd.core.broker import ANALYZE_TASK, enqueue, queue_lengths
+from flickd.core.settings import Settings, reset_settings
 from producer.ingest import ingest
+from synthetic.catalog import generate_catalog
+from synthetic.procs import wait_for_log
+from synthetic.server import CatalogServer
 from tests.conftest import ROOT, celery_worker, settings_env
 from workers.control import (
     PAUSE_POLL_SECONDS,
@@ -36,7 +36,6 @@ from workers.control import (
     paused_queues,
     reprocess,
 )
-from workers.pipeline import ANALYZE_TASK, enqueue
 
 pytestmark = pytest.mark.services
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flickd.settings import Settings
+from flickd.core.settings import Settings
 from tests.conftest import run_flickd, settings_env
 
 

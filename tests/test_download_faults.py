@@ -16,10 +16,10 @@ from sqlalchemy import func, select
 
 from db.schema import Image, IngestRun
 from db.session import session_scope
-from flickd.settings import Settings
-from flickd.synthetic.catalog import generate_catalog
-from flickd.synthetic.server import CatalogServer
+from flickd.core.settings import Settings
 from producer.ingest import ingest
+from synthetic.catalog import generate_catalog
+from synthetic.server import CatalogServer
 from tests.conftest import celery_worker, wait_for_run
 
 
@@ -116,7 +116,7 @@ def test_bad_urls_through_real_worker(pg_settings, catalog, server, tmp_path):
         assert worker.poll() is None  # nothing crashed the worker
         # …and it still works: a retry of the 404s runs through the same process.
         from db.runs import reset_failed
-        from workers.pipeline import DOWNLOAD_TASK, enqueue
+        from flickd.core.broker import DOWNLOAD_TASK, enqueue
 
         with session_scope(pg_settings) as session:
             ids = reset_failed(session, summary.run_id, "http_error")
@@ -143,6 +143,7 @@ def test_sigkill_mid_batch_loses_nothing(pg_settings, catalog, tmp_path):
     settings = pg_settings.model_copy(
         update={
             "visibility_timeout": 6,
+            "lease_seconds": 5,
             "task_soft_time_limit": 4,
             "task_time_limit": 5,
             "download_threads": 2,

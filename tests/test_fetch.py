@@ -15,12 +15,12 @@ import pytest
 import requests
 import urllib3.util.connection
 
-from flickd.synthetic import faults
-from flickd.synthetic.server import CatalogServer
+from flickd.core.reasons import FailureReason, ImageFailure
+from flickd.fetching.fetch import backoff_delay, fetch, make_session, parse_retry_after
+from flickd.fetching.imaging import decode_image
+from synthetic import faults
+from synthetic.server import CatalogServer
 from tests.conftest_download import SleepRecorder, make_settings
-from workers.errors import FailureReason, ImageFailure
-from workers.fetch import backoff_delay, fetch, make_session, parse_retry_after
-from workers.imaging import decode_image
 
 CATALOG_JPEG = faults.jpeg((10, 120, 200), (40, 30))
 

@@ -12,9 +12,9 @@ from sqlalchemy import func, select, update
 from db.runs import finish_run_if_complete
 from db.schema import Crop, Embedding, Image, IndexBuild, IngestRun, ModelVersion
 from db.session import session_scope
-from flickd.synthetic.catalog import generate_catalog, write_feed
-from flickd.synthetic.server import CatalogServer
 from producer.ingest import ingest
+from synthetic.catalog import generate_catalog, write_feed
+from synthetic.server import CatalogServer
 from tests.conftest import celery_worker, wait_for_run
 from tests.models_fixtures import tiny_models
 from workers.finalize import finalize_run

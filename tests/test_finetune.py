@@ -17,8 +17,6 @@ from sqlalchemy import select
 
 from db.schema import ModelVersion
 from db.session import session_scope
-from flickd.synthetic.catalog import generate_catalog, write_feed
-from flickd.synthetic.server import CatalogServer
 from models.embedder import Embedder
 from models.finetune import (
     IMAGE_TO_IMAGE,
@@ -37,6 +35,8 @@ from models.finetune import (
     trainable_groups,
 )
 from producer.ingest import ingest
+from synthetic.catalog import generate_catalog, write_feed
+from synthetic.server import CatalogServer
 from tests.models_fixtures import tiny_models, torch_single_thread
 
 # --- split ----------------------------------------------------------------------------------------

@@ -19,11 +19,11 @@ import pytest
 from click.testing import CliRunner
 
 from flickd.cli import main
-from flickd.procs import settings_env, spawn
-from flickd.settings import Settings, reset_settings
-from flickd.synthetic.catalog import generate_catalog, write_feed
-from flickd.synthetic.server import CatalogServer
+from flickd.core.settings import Settings, reset_settings
 from producer.ingest import ingest
+from synthetic.catalog import generate_catalog, write_feed
+from synthetic.procs import settings_env, spawn
+from synthetic.server import CatalogServer
 from tests.conftest import celery_worker, wait_for_run
 from tests.test_metrics import free_port
 

@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image, ImageFile
 
-from flickd.synthetic import faults
-from workers.errors import FailureReason, ImageFailure
-from workers.imaging import ALLOWED_FORMATS, decode_image, sniff_format, to_rgb
+from flickd.core.reasons import FailureReason, ImageFailure
+from flickd.fetching.imaging import ALLOWED_FORMATS, decode_image, sniff_format, to_rgb
+from synthetic import faults
 
 LIMIT = 50_000_000
 
@@ -224,7 +224,7 @@ def test_sniff_format(data: bytes, name: str | None) -> None:
     ],
 )
 def test_validate_image_rejects_what_decode_rejects(make):
-    from workers.imaging import validate_image
+    from flickd.fetching.imaging import validate_image
 
     data = make()
     with pytest.raises(ImageFailure) as decoded:
@@ -238,7 +238,7 @@ def test_validate_image_rejects_what_decode_rejects(make):
     "make", [faults.exif_rotated_jpeg, faults.cmyk_jpeg, faults.png16, faults.animated_gif]
 )
 def test_validate_image_sizes_match_decode(make):
-    from workers.imaging import validate_image
+    from flickd.fetching.imaging import validate_image
 
     data = make()
     full = decode_image(data, 50_000_000)

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from db.migrate import upgrade
 from db.schema import Crop, Embedding, Image, IndexBuild, ModelVersion, Product
 from db.session import session_scope
-from flickd.settings import Settings
+from flickd.core.settings import Settings
 from models.index import (
     CURRENT,
     IndexHolder,

@@ -11,11 +11,11 @@ from sqlalchemy import func, select
 
 from db.schema import Image, IngestRun, Product, RejectedRow
 from db.session import session_scope
-from flickd.blobstore import BlobStore
-from flickd.settings import Settings
-from flickd.synthetic.catalog import generate_catalog, write_feed
-from flickd.synthetic.server import CatalogServer
+from flickd.core.blobstore import BlobStore
+from flickd.core.settings import Settings
 from producer.ingest import ingest
+from synthetic.catalog import generate_catalog, write_feed
+from synthetic.server import CatalogServer
 from tests.conftest import celery_worker, run_flickd, settings_env, wait_for_run
 
 

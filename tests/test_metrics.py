@@ -19,12 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from db.schema import IndexBuild, ModelVersion
 from db.session import session_scope
-from flickd.metrics import metrics_asgi_app, render_metrics
-from flickd.procs import ROOT, settings_env, spawn, stop_process_group, wait_for_log
-from flickd.settings import Settings
-from flickd.synthetic.catalog import generate_catalog, write_feed
-from flickd.synthetic.server import CatalogServer
+from flickd.core.settings import Settings
+from flickd.services.metrics import metrics_asgi_app, render_metrics
 from producer.ingest import ingest
+from synthetic.catalog import generate_catalog, write_feed
+from synthetic.procs import ROOT, settings_env, spawn, stop_process_group, wait_for_log
+from synthetic.server import CatalogServer
 from tests.conftest import wait_for_run
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]

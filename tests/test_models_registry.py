@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flickd.settings import Settings
+from flickd.core.settings import Settings
 from models import registry
 from models.device import DeviceUnavailableError, autocast_context, autocast_dtype, select_device
 from models.loading import ModelLoadError, looks_like_path

@@ -11,12 +11,12 @@ import requests
 import urllib3.poolmanager
 from urllib3.connectionpool import HTTPConnectionPool
 
-from flickd.synthetic.server import CatalogServer
+from flickd.core.reasons import FailureReason, ImageFailure
+from flickd.fetching import netguard
+from flickd.fetching.fetch import fetch, make_session
+from flickd.fetching.netguard import BlockedAddressError, GuardedAdapter, check_url, is_blocked
+from synthetic.server import CatalogServer
 from tests.conftest_download import make_settings
-from workers import netguard
-from workers.errors import FailureReason, ImageFailure
-from workers.fetch import fetch, make_session
-from workers.netguard import BlockedAddressError, GuardedAdapter, check_url, is_blocked
 
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8")]
 

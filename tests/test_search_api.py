@@ -22,15 +22,15 @@ from db.migrate import upgrade
 from db.schema import Crop, Embedding, ModelVersion
 from db.schema import Image as ImageRow
 from db.session import session_scope
-from flickd.api import create_app
-from flickd.search import MatchType, SearchService, match_type
-from flickd.settings import Settings
-from flickd.synthetic import faults
-from flickd.synthetic.catalog import Catalog, generate_catalog, write_feed
-from flickd.synthetic.server import CatalogServer
+from flickd.core.settings import Settings
+from flickd.services.api import create_app
+from flickd.services.search import MatchType, SearchService, match_type
 from models.embedder import Embedder
 from models.index import build_from_database
 from producer.ingest import ingest
+from synthetic import faults
+from synthetic.catalog import Catalog, generate_catalog, write_feed
+from synthetic.server import CatalogServer
 from tests.conftest import FAST_DOWNLOADS
 from tests.models_fixtures import tiny_models
 
@@ -359,8 +359,8 @@ def test_cli_search_by_text_and_image(indexed, catalog, monkeypatch):
     from click.testing import CliRunner
 
     from flickd.cli import main
-    from flickd.procs import settings_env
-    from flickd.settings import reset_settings
+    from flickd.core.settings import reset_settings
+    from synthetic.procs import settings_env
 
     quiet = indexed.model_copy(update={"log_level": "WARNING"})  # stdout: the results only
     env = {k: v for k, v in settings_env(quiet).items() if k.startswith("FLICKD_")}

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from flickd.synthetic.catalog import (
+from synthetic.catalog import (
     BAD_ROW_KINDS,
     BRANDS,
     CATEGORIES,
@@ -319,7 +319,7 @@ def test_big_feed_memory_stays_flat(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import resource
-        from flickd.synthetic.catalog import write_big_feed
+        from synthetic.catalog import write_big_feed
         write_big_feed({str(tmp_path / "s.csv")!r}, 20_000, "http://h", chunk_rows=20_000)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         write_big_feed({str(tmp_path / "l.csv")!r}, 400_000, "http://h", chunk_rows=20_000)

@@ -11,11 +11,11 @@ from sqlalchemy import func, select, update
 
 from db.schema import Crop, Embedding, Image, ModelVersion
 from db.session import session_scope
-from flickd.synthetic.catalog import generate_catalog, write_feed
-from flickd.synthetic.server import CatalogServer
 from models.colour import srgb_to_lab
 from models.labels import label_by_name
 from producer.ingest import ingest
+from synthetic.catalog import generate_catalog, write_feed
+from synthetic.server import CatalogServer
 from tests.conftest import celery_worker, wait_for_run
 from tests.models_fixtures import tiny_models
 from workers.vision import analyze_batch, halving_on_oom
@@ -179,7 +179,7 @@ def test_cli_build_models_ingest_and_show(catalog, server, tmp_path):
     ingest, then `flickd show` a product's crops."""
     import json
 
-    from flickd.settings import Settings
+    from flickd.core.settings import Settings
     from tests.conftest import run_flickd, settings_env
 
     env = settings_env(Settings(data_dir=tmp_path / "data", allowed_networks=["127.0.0.0/8"]))

@@ -20,11 +20,11 @@ from urllib.parse import quote_plus
 import httpx
 import pytest
 
-from flickd.procs import ROOT, settings_env, stop_process_group
-from flickd.search import SearchService
-from flickd.settings import Settings
-from flickd.synthetic.catalog import Catalog, generate_catalog
-from flickd.synthetic.server import CatalogServer
+from flickd.core.settings import Settings
+from flickd.services.search import SearchService
+from synthetic.catalog import Catalog, generate_catalog
+from synthetic.procs import ROOT, settings_env, stop_process_group
+from synthetic.server import CatalogServer
 from tests.models_fixtures import tiny_models
 from tests.test_search_api import build_index, ingest_products, vision_settings
 

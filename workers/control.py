@@ -1,5 +1,5 @@
 """Operator control of a running pipeline: pause and resume a queue, cancel a run, re-analyse
-images after a model change. Plain functions; ``flickd/cli_ops.py`` wraps them in commands.
+images after a model change. Plain functions; ``flickd/cli/ops.py`` wraps them in commands.
 
 The module is also imported by every worker (``include`` in workers/app.py) for its worker-side
 parts: the remote-control commands that pause and resume consumption, the ``worker_ready`` hook
@@ -23,13 +23,13 @@ from sqlalchemy.orm import Session
 
 from db.schema import Crop, Embedding, Image, ImageState, IngestRun, ModelVersion, RunStatus, utcnow
 from db.session import session_scope
-from flickd.settings import Settings
-from workers.app import DOWNLOAD_QUEUE, GPU_QUEUE, app_settings, get_app
-from workers.errors import FailureReason
+from db.versions import active_embedder
+from flickd.core.broker import ANALYZE_TASK, QUEUES, app_settings, enqueue, get_app
+from flickd.core.reasons import FailureReason
+from flickd.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-QUEUES = (DOWNLOAD_QUEUE, GPU_QUEUE)
 # Under the deployment's broker prefix, like Celery's own keys: deployments sharing a Redis
 # pause their own queues only.
 PAUSED_KEY = "{prefix}flickd:paused:{queue}"
@@ -187,7 +187,7 @@ def _serve_stage_metrics(sender: Any, **_: Any) -> None:
     # now on, the stage histogram's included (its values are made on first observation, in the
     # pool processes), is built from this class, so switching it here is enough.
     values.ValueClass = values.MultiProcessValue()
-    from flickd.metrics import serve_worker_metrics
+    from flickd.core.timing import serve_worker_metrics
 
     serve_worker_metrics(settings.worker_metrics_port, _metrics_dir)
     log.info("stage metrics served port=%s", settings.worker_metrics_port)
@@ -263,12 +263,6 @@ class ReprocessResult:
     active_version: str | None  # the embedder version whose embeddings were looked for
 
 
-def active_embedder(session: Session) -> ModelVersion | None:
-    return session.scalars(
-        select(ModelVersion).where(ModelVersion.kind == "embedder", ModelVersion.active.is_(True))
-    ).first()
-
-
 def _missing_embedding(version_id: int) -> Any:
     """Images with a crop that has no embedding under ``version_id``, or with no crop at all."""
     embedded = exists().where(
@@ -336,8 +330,6 @@ def reprocess(
 
     Analysis is idempotent: existing crops are kept (ON CONFLICT DO NOTHING) and only missing
     embeddings are added. The workers embed with *their* FLICKD_EMBEDDING_MODEL."""
-    from workers.pipeline import ANALYZE_TASK, enqueue
-
     if settings.last_stage != "analyze":
         raise ControlError("FLICKD_LAST_STAGE is 'download': analysis is switched off")
     with session_scope(settings) as session:

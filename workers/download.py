@@ -23,12 +23,14 @@ from sqlalchemy import bindparam, select
 from db.images import record_failures, transition
 from db.schema import Image, ImageState, utcnow
 from db.session import session_scope
-from flickd.blobstore import BlobStore
-from flickd.logs import log_context
-from flickd.settings import Settings
-from workers.errors import FailureReason, ImageFailure
-from workers.fetch import fetch, make_session
-from workers.imaging import validate_image
+from flickd.core.blobstore import BlobStore
+from flickd.core.broker import ANALYZE_TASK
+from flickd.core.logs import log_context
+from flickd.core.reasons import FailureReason, ImageFailure
+from flickd.core.settings import Settings
+from flickd.fetching.fetch import fetch, make_session
+from flickd.fetching.imaging import validate_image
+from workers.stage import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -186,3 +188,20 @@ def download_batch(image_ids: list[int], settings: Settings) -> list[DownloadOut
         time.perf_counter() - started,
     )
     return outcomes
+
+
+def download_stage(image_ids: list[int], settings: Settings) -> StageResult:
+    """The download task's work: download the batch, then name what follows."""
+    download_batch(image_ids, settings)
+    # Read the batch back rather than trusting this delivery's outcomes: if an earlier delivery
+    # stored the images and died before handing them on, this one must hand them on.
+    with session_scope(settings) as session:
+        rows = session.execute(
+            select(Image.id, Image.run_id, Image.state).where(Image.id.in_(image_ids))
+        ).all()
+    result = StageResult(run_ids={row.run_id for row in rows})
+    if settings.last_stage == "analyze":
+        result.next_task = ANALYZE_TASK
+        result.next_ids = [row.id for row in rows if row.state == ImageState.DOWNLOADED.value]
+        result.batch_size = settings.analyze_batch_size
+    return result

@@ -22,8 +22,9 @@ from sqlalchemy import and_, exists, func, select, update
 from db.schema import Crop, Embedding, IndexBuild, IngestRun, ModelVersion, utcnow
 from db.session import session_scope
 from db.versions import activate_embedder, active_embedder, dialect_insert
-from flickd.blobstore import BlobStore
-from flickd.settings import Settings
+from flickd.core.blobstore import BlobStore
+from flickd.core.broker import EMBED_TASK, enqueue
+from flickd.core.settings import Settings
 from models import registry
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,6 @@ def start_reembed(version_id: int, settings: Settings) -> int:
 
     The crops to wait for are fixed now (ids up to the current maximum): crops that analysis
     adds meanwhile are embedded with the active model and caught up by the next finalize."""
-    from workers.pipeline import EMBED_TASK, enqueue
-
     with session_scope(settings) as session:
         up_to = session.scalar(select(func.max(Crop.id))) or 0
         session.add(

@@ -1,7 +1,8 @@
-"""Celery tasks: thin wrappers that call the stage functions in workers/ and db/.
+"""Celery tasks: thin wrappers around the stage functions in workers/.
 
-``FlickdTask`` owns the cross-cutting parts: settings, log context, timing, and what happens
-after a stage (enqueue the next stage, finish the run).
+``FlickdTask`` owns each task's life: its settings, log context and timing, retries of
+retryable errors, and what follows a stage (send the next stage's messages, close the runs
+whose last image this was, send their final task).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from typing import Any
 from celery import Task, shared_task
 from sqlalchemy.exc import OperationalError
 
-from flickd.logs import log_context
-from workers import pipeline
-from workers.app import app_settings
+from db.runs import close_runs
+from flickd.core.broker import FINALIZE_TASK, app_settings, enqueue, send
+from flickd.core.logs import log_context
+from flickd.core.settings import Settings
+from flickd.core.timing import observe_stage
+from workers.stage import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -31,40 +35,59 @@ class FlickdTask(Task):
     reject_on_worker_lost = True
     ignore_result = True
 
+    @property
+    def settings(self) -> Settings:
+        return app_settings(self.app)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         with log_context(task=self.name, task_id=self.request.id):
             try:
-                return super().__call__(*args, **kwargs)
+                result = super().__call__(*args, **kwargs)
+                if isinstance(result, StageResult):
+                    self.hand_off(result)
+                return None
             finally:
                 seconds = time.perf_counter() - started
-                # Imported on first use, i.e. after the worker's start-up hook has switched
-                # prometheus_client to multiprocess mode (workers/control.py).
-                from flickd.metrics import observe_stage
-
                 observe_stage(self.name.removeprefix("flickd."), seconds)
                 log.debug("task finished seconds=%.3f", seconds)
 
+    def hand_off(self, result: StageResult) -> None:
+        """Send the next stage its work, then close the runs this batch may have completed.
+
+        Runs after the stage's commit, so a worker of the next stage finds its rows."""
+        settings = self.settings
+        if result.next_task:
+            enqueue(result.next_task, result.next_ids, result.batch_size, settings)
+        for run_id in close_runs(settings, result.run_ids):
+            log.info("run finished run_id=%s", run_id)
+            if settings.finalize_enabled:
+                send(FINALIZE_TASK, [[run_id]], settings)
+
 
 @shared_task(base=FlickdTask, name="flickd.download_batch", bind=True)
-def download_batch(self: FlickdTask, image_ids: list[int]) -> None:
-    pipeline.run_download_batch(image_ids, app_settings(self.app))
+def download_batch(self: FlickdTask, image_ids: list[int]) -> StageResult:
+    from workers.download import download_stage
+
+    return download_stage(image_ids, self.settings)
 
 
 @shared_task(base=FlickdTask, name="flickd.analyze_batch", bind=True)
-def analyze_batch(self: FlickdTask, image_ids: list[int]) -> None:
-    pipeline.run_analyze_batch(image_ids, app_settings(self.app))
+def analyze_batch(self: FlickdTask, image_ids: list[int]) -> StageResult:
+    from workers.vision import analyze_stage
+
+    return analyze_stage(image_ids, self.settings)
 
 
 @shared_task(base=FlickdTask, name="flickd.finalize", bind=True)
 def finalize(self: FlickdTask, run_id: int | None) -> None:
     from workers.finalize import finalize_run
 
-    finalize_run(run_id, app_settings(self.app))
+    finalize_run(run_id, self.settings)
 
 
 @shared_task(base=FlickdTask, name="flickd.embed_crops", bind=True)
 def embed_crops(self: FlickdTask, crop_ids: list[int], version_id: int) -> None:
     from workers.finalize import embed_crops as embed
 
-    embed(crop_ids, version_id, app_settings(self.app))
+    embed(crop_ids, version_id, self.settings)

@@ -29,17 +29,18 @@ from db.schema import Embedding, Image, ImageState, Product, utcnow
 from db.session import session_scope
 from db.versions import active_embedder, embedder_version_id
 from db.versions import dialect_insert as _insert
-from flickd.blobstore import BlobStore
-from flickd.logs import log_context
-from flickd.metrics import observe_stages
-from flickd.settings import Settings
+from flickd.core.blobstore import BlobStore
+from flickd.core.logs import log_context
+from flickd.core.reasons import FailureReason, ImageFailure
+from flickd.core.settings import Settings
+from flickd.core.timing import observe_stages
+from flickd.fetching.imaging import decode_image
 from models import registry
 from models.colour import dominant_colour
 from models.crops import Crop, crop_image, plan_crops
 from models.labels import label_by_name
 from models.prompts import crop_key, make_prompt
-from workers.errors import FailureReason, ImageFailure
-from workers.imaging import decode_image
+from workers.stage import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -322,3 +323,8 @@ def analyze_batch(image_ids: list[int], settings: Settings) -> AnalyzeReport:
         " ".join(f"{k}_s={v:.3f}" for k, v in report.seconds.items()),
     )
     return report
+
+
+def analyze_stage(image_ids: list[int], settings: Settings) -> StageResult:
+    """The analysis task's work: analyse the batch; nothing follows but closing its runs."""
+    return StageResult(run_ids=analyze_batch(image_ids, settings).run_ids)

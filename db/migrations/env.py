@@ -17,7 +17,7 @@ def run_migrations_online() -> None:
         return
     from sqlalchemy import create_engine
 
-    from flickd.settings import get_settings
+    from flickd.core.settings import get_settings
 
     engine = create_engine(get_settings().sqlalchemy_url, poolclass=pool.NullPool)
     with engine.connect() as connection:

@@ -7,21 +7,20 @@ Two kinds, served in two places:
 * **Gauges read at scrape time** (:class:`FlickdCollector`) from the database and Redis, with
   cheap aggregate queries, so any process can serve them: ``flickd metrics`` (a standalone
   exporter), or the API through :func:`metrics_asgi_app` / :func:`render_metrics`.
-* **Stage durations** (``flickd_stage_seconds``), a histogram the workers observe while they run
-  tasks (:func:`observe_stage`). Only the observing process has them, so each worker serves its
-  own on ``FLICKD_WORKER_METRICS_PORT`` (see workers/control.py: prometheus_client's
-  multiprocess mode gathers the prefork children's observations in the worker's main process).
-  Scrape every worker for them; ``flickd metrics`` and the API do not show them.
+* **Stage durations** (``flickd_stage_seconds``, flickd/core/timing.py), a histogram the workers
+  observe while they run tasks. Only the observing process has them, so each worker serves its
+  own on ``FLICKD_WORKER_METRICS_PORT``. Scrape every worker for them; ``flickd metrics`` and the
+  API do not show them.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -29,36 +28,11 @@ from sqlalchemy.orm import Session
 
 from db.schema import Image, ImageState, IndexBuild, IngestRun, ModelVersion, RunStatus
 from db.session import session_scope
-from flickd.settings import Settings
-from workers.errors import FailureReason
+from flickd.core.broker import queue_lengths
+from flickd.core.reasons import FailureReason
+from flickd.core.settings import Settings
 
 log = logging.getLogger(__name__)
-
-QUEUES = ("download", "gpu")  # workers.app's queue names (not imported: that builds an app)
-# kombu keeps a queue's higher-priority messages in sibling lists "<queue>\x06\x16<priority>";
-# flickd sends none, but a backlog there must still be counted.
-_PRIORITY_SEP = "\x06\x16"
-_PRIORITY_STEPS = (3, 6, 9)
-
-# A download batch takes seconds to minutes; one vision step on a GPU tens of milliseconds.
-STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
-STAGE_SECONDS = Histogram(
-    "flickd_stage_seconds",
-    "Wall-clock seconds of one batch through a pipeline stage, as observed by a worker",
-    ["stage"],
-    buckets=STAGE_BUCKETS,
-)
-
-
-def observe_stage(stage: str, seconds: float) -> None:
-    """Record one batch's time in ``stage`` (a task's short name, or a vision step)."""
-    STAGE_SECONDS.labels(stage=stage).observe(seconds)
-
-
-def observe_stages(seconds: Mapping[str, float]) -> None:
-    """Record a batch's time per step, e.g. ``AnalyzeReport.seconds`` (decode, detect, …)."""
-    for stage, value in seconds.items():
-        observe_stage(stage, value)
 
 
 # --- gauges read at scrape time ----------------------------------------------------------------
@@ -187,28 +161,6 @@ def _active_index(session: Session) -> GaugeMetricFamily:
     return family
 
 
-def queue_lengths(settings: Settings) -> tuple[dict[str, int], int]:
-    """Messages waiting per queue, and messages in flight (delivered, unacknowledged)."""
-    if settings.embedded:
-        return dict.fromkeys(QUEUES, 0), 0
-    import redis
-
-    prefix = settings.broker_prefix  # kombu's global_keyprefix: this deployment's keys
-    client = redis.Redis.from_url(settings.broker_url or "", socket_timeout=3)
-    try:
-        pipe = client.pipeline(transaction=False)
-        for queue in QUEUES:
-            for key in (queue, *(f"{queue}{_PRIORITY_SEP}{p}" for p in _PRIORITY_STEPS)):
-                pipe.llen(prefix + key)
-        pipe.hlen(prefix + "unacked")  # kombu's hash of delivered, unacknowledged messages
-        counts = pipe.execute()
-    finally:
-        client.close()
-    per_queue = 1 + len(_PRIORITY_STEPS)
-    lengths = {q: sum(counts[i * per_queue : (i + 1) * per_queue]) for i, q in enumerate(QUEUES)}
-    return lengths, int(counts[-1])
-
-
 # --- serving -----------------------------------------------------------------------------------
 def flickd_registry(settings: Settings) -> CollectorRegistry:
     """A registry with the scrape-time gauges for these settings (and nothing else)."""
@@ -234,15 +186,3 @@ def serve_metrics(settings: Settings, port: int, address: str = "0.0.0.0") -> No
     start_http_server(port, address, registry=flickd_registry(settings))
     log.info("serving metrics on http://%s:%d/metrics", address, port)
     threading.Event().wait()
-
-
-def serve_worker_metrics(port: int, multiprocess_dir: str | None, address: str = "0.0.0.0") -> None:
-    """Serve the stage histograms of this worker (a background thread): with
-    ``multiprocess_dir``, those of all its pool processes, gathered from their files there."""
-    from prometheus_client import REGISTRY, multiprocess
-
-    registry = REGISTRY
-    if multiprocess_dir:
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
-    start_http_server(port, address, registry=registry)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flickd.settings import Settings
+from flickd.core.settings import Settings
 
 TEXT_QUERIES = (
     "a photo of a red dress",
@@ -62,11 +62,11 @@ def run_demo(
     from db.migrate import upgrade
     from db.schema import ModelVersion
     from db.session import session_scope
-    from flickd.search import SearchService
-    from flickd.synthetic.catalog import generate_catalog, write_feed
-    from flickd.synthetic.server import CatalogServer
+    from flickd.services.search import SearchService
     from models.build import build_offline_models
     from producer.ingest import ingest
+    from synthetic.catalog import generate_catalog, write_feed
+    from synthetic.server import CatalogServer
 
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def _data_uri(jpeg: bytes) -> str:
 def _crop_uri(settings: Settings, crop_id: int) -> str:
     from db.schema import Crop
     from db.session import session_scope
-    from flickd.blobstore import BlobStore
+    from flickd.core.blobstore import BlobStore
 
     with session_scope(settings) as session:
         key = session.get(Crop, crop_id).blob_key

@@ -16,7 +16,7 @@ Everything is a pure function of the seed. Product ``i`` draws from ``default_rn
 the first N products of a larger catalog equal a catalog of N products, and the bytes do not
 depend on how many worker processes rendered them.
 
-CLI: ``python -m flickd.synthetic.catalog OUT_DIR --products N --seed S --size small|full``.
+CLI: ``python -m synthetic.catalog OUT_DIR --products N --seed S --size small|full``.
 """
 
 from __future__ import annotations
@@ -1950,7 +1950,7 @@ def write_big_feed(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m flickd.synthetic.catalog",
+        prog="python -m synthetic.catalog",
         description="Generate a synthetic fashion catalog.",
     )
     parser.add_argument("out_dir", type=Path)

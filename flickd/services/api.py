@@ -27,16 +27,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from db.products import product_details
 from db.schema import Crop
 from db.session import session_scope
-from flickd.blobstore import BlobStore
-from flickd.metrics import metrics_asgi_app
-from flickd.search import (
+from flickd.core.blobstore import BlobStore
+from flickd.core.settings import Settings, get_settings
+from flickd.services.metrics import metrics_asgi_app
+from flickd.services.search import (
     QueryImageError,
     SearchResponse,
     SearchService,
     SearchUnavailable,
     decode_query_image,
 )
-from flickd.settings import Settings, get_settings
 
 WEB_DIR = Path(__file__).parent / "web"
 # Multipart framing (boundaries, part headers, the form field's name) on top of the file.

@@ -37,7 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-from flickd.synthetic import faults
+from synthetic import faults
 
 # Static fault bodies: route -> (content type, payload factory).
 _STATIC: dict[str, tuple[str, Callable[[], bytes]]] = {

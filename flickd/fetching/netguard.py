@@ -24,8 +24,8 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
-from flickd.settings import Settings
-from workers.errors import FailureReason, ImageFailure
+from flickd.core.reasons import FailureReason, ImageFailure
+from flickd.core.settings import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -74,7 +74,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
 
 def configured_settings():  # type: ignore[no-untyped-def]
     """The process's settings, with logging set up from them (what every command starts with)."""
-    from flickd.settings import get_settings
+    from flickd.core.settings import get_settings
 
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_format)

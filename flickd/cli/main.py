@@ -11,9 +11,9 @@ from typing import Any
 import click
 
 from db.migrate import ensure_schema
-from flickd import cli_ops
-from flickd.logs import configured_settings, setup_logging
-from flickd.settings import Settings
+from flickd.cli import ops as cli_ops
+from flickd.core.logs import configured_settings, setup_logging
+from flickd.core.settings import Settings
 
 
 def _echo_json(data: Any) -> None:
@@ -284,7 +284,7 @@ def retry(run: int | None, reason: str | None, all_runs: bool) -> None:
     """Re-enqueue failed images of RUN (default: the latest run)."""
     from db.runs import reset_failed
     from db.session import session_scope
-    from workers.pipeline import DOWNLOAD_TASK, enqueue
+    from flickd.core.broker import DOWNLOAD_TASK, enqueue
 
     settings = configured_settings()
     ensure_schema(settings)
@@ -319,7 +319,7 @@ def worker(
     settings = configured_settings()
     if settings.embedded:
         raise click.ClickException("FLICKD_BROKER_URL is not set: embedded mode needs no worker")
-    from workers.app import get_app
+    from flickd.core.broker import get_app
 
     argv = ["worker", "-Q", queues, "--loglevel", settings.log_level]
     if "gpu" in queues.split(","):
@@ -458,7 +458,7 @@ def index_build() -> None:
 )
 def demo(out_dir: Path, products: int, detector: bool) -> None:
     """The whole pipeline on the embedded default with offline models, in one command."""
-    from flickd.demo import run_demo
+    from flickd.cli.demo import run_demo
 
     setup_logging("WARNING")
     result = run_demo(out_dir, products=products, detector=detector)
@@ -513,7 +513,7 @@ def api(host: str, port: int) -> None:
     settings = configured_settings()
     ensure_schema(settings)
     uvicorn.run(
-        "flickd.api:create_default_app",
+        "flickd.services.api:create_default_app",
         factory=True,
         host=host,
         port=port,
@@ -531,7 +531,12 @@ def search(
     image_ref: str | None, query_text: str | None, top_k: int, no_detect: bool, as_json: bool
 ) -> None:
     """Search the index by --image or --text, without a server; results grouped by product."""
-    from flickd.search import QueryImageError, SearchService, SearchUnavailable, format_response
+    from flickd.services.search import (
+        QueryImageError,
+        SearchService,
+        SearchUnavailable,
+        format_response,
+    )
 
     if (image_ref is None) == (query_text is None):
         raise click.UsageError("give exactly one of --image or --text")
@@ -554,7 +559,7 @@ def search(
 
 def _query_image(ref: str, service: Any, settings: Settings) -> Any:
     """A URL is fetched through the SSRF guard; anything else is a local file."""
-    from flickd.search import decode_query_image
+    from flickd.services.search import decode_query_image
 
     if ref.lower().startswith(("http://", "https://")):
         return service.fetch_image(ref)

@@ -38,6 +38,17 @@ class Settings(BaseSettings):
     redelivery_sweep_seconds: int = 30
     task_soft_time_limit: int = 900
     task_time_limit: int = 960
+    # The reconciler (`flickd scheduler`): work the database says is due, whose last progress
+    # (its last hand-off, or the last heartbeat of the worker holding it) is older than the
+    # lease, has lost its message and is sent again. Below the visibility timeout, so the
+    # reconciler re-drives a dead worker's batch before Redis would.
+    lease_seconds: int = 300
+    reconcile_interval: int = 30  # seconds between reconciler passes
+    # Times one stage may be attempted for an image (each delivery that starts the stage
+    # counts); past it the image fails with reason attempts_exhausted.
+    max_stage_attempts: int = 5
+    # Rows one reconciler pass looks at per kind of work (each pass is bounded).
+    reconcile_batch_limit: int = 50_000
 
     # --- producer ------------------------------------------------------------------------------
     feed_chunk_rows: int = 50_000
@@ -120,6 +131,14 @@ class Settings(BaseSettings):
             )
         if self.task_soft_time_limit >= self.task_time_limit:
             raise ValueError("task_soft_time_limit must be below task_time_limit")
+        # Past the visibility timeout Redis re-delivers by itself; the lease must come first.
+        if not 0 < self.lease_seconds < self.visibility_timeout:
+            raise ValueError(
+                f"lease_seconds ({self.lease_seconds}s) must be above 0 and below "
+                f"visibility_timeout ({self.visibility_timeout}s)"
+            )
+        if self.reconcile_interval <= 0 or self.max_stage_attempts < 1:
+            raise ValueError("reconcile_interval must be above 0, max_stage_attempts at least 1")
         return self
 
     @model_validator(mode="after")
@@ -148,6 +167,11 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when no broker is configured: tasks run in-process."""
         return not self.broker_url
+
+    @property
+    def finalize_enabled(self) -> bool:
+        """True when a finished run gets its final task (fine-tune, re-embed, index)."""
+        return self.last_stage == "analyze" and self.finalize != "off"
 
     @property
     def sqlalchemy_url(self) -> str:

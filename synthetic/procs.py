@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from flickd.settings import Settings
+from flickd.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +106,7 @@ def catalog_server(
     cmd = [
         sys.executable,
         "-m",
-        "flickd.synthetic.server",
+        "synthetic.server",
         str(images_dir),
         "--port",
         str(port),

@@ -27,15 +27,15 @@ from sqlalchemy import select
 
 from db.schema import Crop, Image, ModelVersion, Product
 from db.session import session_scope
-from flickd.settings import Settings
+from flickd.core.reasons import FailureReason, ImageFailure
+from flickd.core.settings import Settings
+from flickd.fetching.fetch import fetch, make_session
+from flickd.fetching.imaging import decode_image
 from models import registry
 from models.colour import dominant_colour
 from models.crops import Crop as PlannedCrop
 from models.crops import crop_image, plan_crops
 from models.index import IndexHolder, VectorIndex
-from workers.errors import FailureReason, ImageFailure
-from workers.fetch import fetch, make_session
-from workers.imaging import decode_image
 
 if TYPE_CHECKING:
     from models.embedder import Embedder

@@ -2,7 +2,7 @@
 and the live view behind ``flickd status --watch``. ``register(main)`` adds them to the CLI.
 
 The commands are thin: the work is done by plain functions in workers/control.py and
-flickd/metrics.py, which tests call directly.
+flickd/services/metrics.py, which tests call directly.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from db.migrate import ensure_schema
-from flickd.logs import configured_settings
-from flickd.settings import Settings
+from flickd.core.logs import configured_settings
+from flickd.core.settings import Settings
 
 if TYPE_CHECKING:
     from db.runs import RunProgress
@@ -68,7 +68,7 @@ def flower(port: int, address: str, flower_args: tuple[str, ...]) -> None:
     settings = configured_settings()
     _require_broker(settings, "workers to watch")
     auth = _flower_auth(settings)
-    from workers.app import get_app
+    from flickd.core.broker import get_app
 
     # Passed in-process (not on a command line), so the password never shows in `ps`.
     argv = ["flower", f"--basic-auth={auth}", f"--port={port}", f"--address={address}"]
@@ -80,7 +80,7 @@ def flower(port: int, address: str, flower_args: tuple[str, ...]) -> None:
 @click.option("--address", default="127.0.0.1", show_default=True, help="0.0.0.0 in a container.")
 def metrics(port: int, address: str) -> None:
     """Serve Prometheus metrics (queues, images per state, failures, model, index) on /metrics."""
-    from flickd.metrics import serve_metrics
+    from flickd.services.metrics import serve_metrics
 
     settings = configured_settings()
     ensure_schema(settings)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from workers.errors import FailureReason, ImageFailure
+from flickd.core.reasons import FailureReason, ImageFailure
 
 # MPO is what JPEG cameras write for multi-picture files; its first frame is a plain JPEG.
 ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})

@@ -20,9 +20,9 @@ import requests
 from requests import exceptions as rex
 from urllib3 import exceptions as uex
 
-from flickd.settings import Settings
-from workers.errors import FailureReason, ImageFailure
-from workers.netguard import GuardedAdapter, check_url
+from flickd.core.reasons import FailureReason, ImageFailure
+from flickd.core.settings import Settings
+from flickd.fetching.netguard import GuardedAdapter, check_url
 
 # Only what imaging.decode_image accepts: CDNs negotiate the format from Accept, and offering
 # AVIF/HEIC would get us files we then reject.

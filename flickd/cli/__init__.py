@@ -1,0 +1,5 @@
+"""The command line (top layer): ``flickd`` and its subcommands, and the demo."""
+
+from flickd.cli.main import main
+
+__all__ = ["main"]

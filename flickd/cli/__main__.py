@@ -1,0 +1,3 @@
+from flickd.cli.main import main
+
+main()
