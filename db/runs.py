@@ -5,13 +5,21 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.schema import Image, ImageState, IngestRun, Product, RunStatus, utcnow
+from db.schema import (
+    FinalizeStatus,
+    Image,
+    ImageState,
+    IngestRun,
+    Product,
+    RunStatus,
+    utcnow,
+)
 from flickd.core.settings import Settings
 
 
@@ -54,10 +62,58 @@ def close_runs(settings: Settings, run_ids: Iterable[int | None]) -> list[int]:
                     session.execute(
                         update(IngestRun)
                         .where(IngestRun.id == run_id)
-                        .values(finalize_status="queued")
+                        .values(finalize_status=FinalizeStatus.QUEUED.value, updated_at=utcnow())
                     )
                 closed.append(run_id)
     return closed
+
+
+def touch_run(session: Session, run_id: int | None, finalize_status: str | None = None) -> None:
+    """The heartbeat of whoever holds the run: its producer, or (with ``finalize_status``) the
+    final task holding that claim."""
+    if run_id is None:
+        return
+    query = update(IngestRun).where(IngestRun.id == run_id)
+    if finalize_status is not None:
+        query = query.where(IngestRun.finalize_status == finalize_status)
+    session.execute(query.values(updated_at=utcnow()).execution_options(synchronize_session=False))
+
+
+def finalize_claimable(settings: Settings) -> Any:
+    """Runs whose final task may be claimed now: queued, or failed, or held by a task whose
+    heartbeat stopped more than a lease ago, and not yet out of attempts."""
+    expired = utcnow() - timedelta(seconds=settings.lease_seconds)
+    run = IngestRun
+    return and_(
+        run.status == RunStatus.DONE.value,
+        run.finalize_attempts < settings.max_stage_attempts,
+        or_(
+            run.finalize_status.in_([FinalizeStatus.QUEUED.value, FinalizeStatus.FAILED.value]),
+            and_(
+                run.finalize_status == FinalizeStatus.RUNNING.value,
+                or_(run.updated_at.is_(None), run.updated_at < expired),
+            ),
+        ),
+    )
+
+
+def claim_finalize(settings: Settings, run_id: int) -> bool:
+    """Claim the run's final task for this caller; False when another holds it or it is done.
+    One conditional UPDATE: of concurrent deliveries exactly one wins."""
+    from db.session import session_scope
+
+    with session_scope(settings) as session:
+        result = session.execute(
+            update(IngestRun)
+            .where(IngestRun.id == run_id, finalize_claimable(settings))
+            .values(
+                finalize_status=FinalizeStatus.RUNNING.value,
+                finalize_attempts=IngestRun.finalize_attempts + 1,
+                updated_at=utcnow(),
+            )
+            .execution_options(synchronize_session=False)
+        )
+    return result.rowcount == 1
 
 
 @dataclass

@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -56,6 +57,8 @@ class ImageState(StrEnum):
 
 
 TERMINAL_STATES = (ImageState.ANALYZED.value, ImageState.FAILED.value)
+# States in which an image waits for a stage; the reconciler re-drives those that stall.
+PENDING_STATES = (ImageState.QUEUED.value, ImageState.DOWNLOADED.value)
 
 
 class RunStatus(StrEnum):
@@ -64,6 +67,35 @@ class RunStatus(StrEnum):
     DONE = "done"  # every image of the run reached a terminal state
     FAILED = "failed"  # the feed could not be read
     CANCELLED = "cancelled"
+
+
+class FinalizeStatus(StrEnum):
+    """A run's final task: queued by the worker that closed the run, claimed (running) by the
+    one task that does it, then what it did."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINETUNED = "finetuned"
+    REEMBEDDING = "reembedding"  # a promoted model's re-embedding will build the index
+    INDEXED = "indexed"
+    NOTHING = "nothing"
+    FAILED = "failed"  # this attempt failed; the reconciler tries again (bounded)
+
+
+# Final-task statuses that still await work; the others are outcomes.
+FINALIZE_PENDING = (FinalizeStatus.QUEUED.value, FinalizeStatus.RUNNING.value)
+
+
+class ModelKind(StrEnum):
+    EMBEDDER = "embedder"
+    DETECTOR = "detector"
+
+
+class IndexBuildStatus(StrEnum):
+    PENDING = "pending"  # waiting for a re-embedding to finish
+    BUILDING = "building"  # claimed by one worker
+    READY = "ready"
+    FAILED = "failed"  # re-driven FLICKD_MAX_STAGE_ATTEMPTS times without finishing
 
 
 class Base(DeclarativeBase):
@@ -90,8 +122,13 @@ class IngestRun(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # The final task: "queued" by the one worker that finished the run, then what it did.
+    # Last sign of life of whoever holds the run: the producer (per chunk) while it is
+    # ``running``, the final task (its heartbeat) while that is queued or running.
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The final task (FinalizeStatus): queued by the one worker that finished the run, then
+    # claimed by exactly one task, then what it did.
     finalize_status: Mapped[str | None] = mapped_column(String(32))
+    finalize_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
@@ -130,6 +167,15 @@ class Image(Base):
     __table_args__ = (
         UniqueConstraint("product_id", "url_hash"),
         Index("ix_images_run_state", "run_id", "state"),
+        # The reconciler's question, "which pending images stalled?": a partial index holds
+        # only the images still waiting, so it stays small however large the catalog grows.
+        Index(
+            "ix_images_pending_progress",
+            "state",
+            "updated_at",
+            postgresql_where=text("state IN ('queued', 'downloaded')"),
+            sqlite_where=text("state IN ('queued', 'downloaded')"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -140,16 +186,21 @@ class Image(Base):
     # per inserted row (a quarter of the producer's insert time) and runs are never deleted.
     run_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
     # Indexed with run_id (ix_images_run_state): every state query is per run. Each index
-    # costs every one of the millions of inserts, so there is no other.
+    # costs every one of the millions of inserts, so the only other is partial (pending rows).
     state: Mapped[str] = mapped_column(String(16), default=ImageState.QUEUED.value)
     failure_reason: Mapped[str | None] = mapped_column(String(32))
     failure_detail: Mapped[str | None] = mapped_column(Text)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # HTTP attempts of the download
+    # Deliveries that started the image's current stage (reset when it moves on); bounded by
+    # FLICKD_MAX_STAGE_ATTEMPTS, so a stage broken for good cannot loop.
+    stage_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)  # why the last attempt did not finish
     content_hash: Mapped[str | None] = mapped_column(String(64))
     blob_key: Mapped[str | None] = mapped_column(String(80))
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Last progress: the last state change, hand-off or heartbeat of the worker holding it.
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     downloaded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     analyzed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -165,7 +216,7 @@ class ModelVersion(Base):
     __table_args__ = (UniqueConstraint("kind", "version"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))  # "embedder" | "detector"
+    kind: Mapped[str] = mapped_column(String(32))  # ModelKind
     name: Mapped[str] = mapped_column(Text)  # hub id or directory it was loaded from
     version: Mapped[str] = mapped_column(String(128))  # content-derived identifier
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
@@ -224,11 +275,26 @@ class IndexBuild(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
-    # pending (waiting for re-embedding) -> building -> ready; the one serving is also active.
-    status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
+    # IndexBuildStatus: pending (waiting for re-embedding) -> building -> ready; the one
+    # serving is also active.
+    status: Mapped[str] = mapped_column(
+        String(16), default=IndexBuildStatus.READY.value, server_default="ready"
+    )
     path: Mapped[str | None] = mapped_column(Text)
     index_type: Mapped[str | None] = mapped_column(String(128))
     n_vectors: Mapped[int] = mapped_column(BigInteger, default=0)
     params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     active: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Last progress while pending (a re-embedding batch landed) or building (heartbeat).
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ReconcilerCounter(Base):
+    """What the reconciler has done, summed over every pass (the metrics read it)."""
+
+    __tablename__ = "reconciler_counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -6,16 +6,23 @@ share sockets between processes, so the engine is keyed by process id and built 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from flickd.core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _lock = threading.Lock()
 _engines: dict[tuple[str, int], Engine] = {}
@@ -75,3 +82,18 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def retrying(step: Callable[[], T], attempts: int = 4, delay: float = 0.5) -> T:
+    """Run an idempotent database step again when its connection broke (a restarted server, a
+    terminated backend, a fail-over): the pool drops the broken connection and pre-pings the
+    next, so the retry runs on a fresh one. Only for steps that are safe to repeat."""
+    for attempt in range(attempts):
+        try:
+            return step()
+        except OperationalError as error:
+            if attempt == attempts - 1:
+                raise
+            log.warning("database step failed, retrying attempt=%d error=%s", attempt + 1, error)
+            time.sleep(delay * 2**attempt)
+    raise AssertionError("unreachable")

@@ -17,6 +17,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,12 @@ from sqlalchemy import (
     update,
 )
 
-from db.runs import close_runs
+from db.runs import close_runs, touch_run
 from db.schema import Image, ImageState, IngestRun, Product, RejectedRow, RunStatus, utcnow
 from db.session import get_engine, session_scope
 from db.versions import dialect_insert
-from flickd.core.broker import DOWNLOAD_TASK, FINALIZE_TASK, enqueue, send
+from flickd.core.broker import BROKER_ERRORS, DOWNLOAD_TASK, FINALIZE_TASK, enqueue, send
+from flickd.core.lease import heartbeat
 from flickd.core.settings import Settings
 from producer.feeds import FeedChunk, FeedColumns, FeedError, read_feed, url_hash
 
@@ -86,6 +88,10 @@ class IngestSummary:
     enqueued: int = 0
     messages: int = 0
     error: str | None = None
+    # Recorded images whose messages could not be sent (the broker was unreachable): they are
+    # safe in the database and the reconciler sends them once the broker is back.
+    not_sent: int = 0
+    broker_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +108,8 @@ class IngestSummary:
             "already_known": self.already_known,
             "enqueued": self.enqueued,
             "messages": self.messages,
+            "not_sent": self.not_sent,
+            "broker_error": self.broker_error,
             "error": self.error,
         }
 
@@ -325,7 +333,9 @@ def _save_summary(summary: IngestSummary, settings: Settings, **closing: Any) ->
 
 def create_run(feed: str, catalog: str, settings: Settings) -> int:
     with session_scope(settings) as session:
-        run = IngestRun(feed=feed, catalog=catalog, status=RunStatus.RUNNING.value)
+        run = IngestRun(
+            feed=feed, catalog=catalog, status=RunStatus.RUNNING.value, updated_at=utcnow()
+        )
         session.add(run)
         session.flush()
         return run.id
@@ -358,7 +368,7 @@ def ingest(
                     max_url_length=settings.max_url_length,
                 )
             )
-            with _Sender(settings) as sender:
+            with _Sender(settings) as sender, _heartbeat(summary.run_id, settings):
                 for chunk in chunks:
                     with conn.begin():
                         new_ids = record_chunk(conn, summary.run_id, catalog, chunk.images)
@@ -370,6 +380,7 @@ def ingest(
                     if on_progress:
                         on_progress(summary, chunk.rows_read)
             summary.messages = sender.messages
+            summary.not_sent, summary.broker_error = sender.unsent, sender.broker_error
             _stage_meta.drop_all(conn)
             conn.commit()
     except FeedError as error:
@@ -384,9 +395,23 @@ def ingest(
     if close_runs(settings, [summary.run_id]):
         summary.status = RunStatus.DONE.value
         if settings.finalize_enabled:
-            send(FINALIZE_TASK, [[summary.run_id]], settings)
+            try:
+                send(FINALIZE_TASK, [[summary.run_id]], settings)
+            except BROKER_ERRORS as error:  # queued in the database: the reconciler sends it
+                summary.broker_error = summary.broker_error or f"{type(error).__name__}: {error}"
     log.info("ingest enqueued run_id=%s %s", summary.run_id, summary.to_dict())
     return summary
+
+
+def _heartbeat(run_id: int, settings: Settings) -> AbstractContextManager[None]:
+    """While the producer reads the feed it renews its run's lease: a producer that dies
+    mid-feed is noticed by the reconciler, which hands what it recorded to the workers."""
+
+    def renew() -> None:
+        with session_scope(settings) as session:
+            touch_run(session, run_id)
+
+    return heartbeat(settings.lease_seconds, renew, enabled=not settings.embedded)
 
 
 def _prefetched(chunks: Iterator[FeedChunk], depth: int = 1) -> Iterator[FeedChunk]:
@@ -426,15 +451,32 @@ class _Sender:
         self.settings = settings
         self.depth = depth
         self.messages = 0
+        # Images recorded but not sent because the broker could not be reached, and why. The
+        # rows are committed and due: the reconciler sends them once the broker is back.
+        self.unsent = 0
+        self.broker_error: str | None = None
         self._pool = None if settings.embedded else ThreadPoolExecutor(1, "enqueue")
         self._pending: deque[Future[int]] = deque()
 
+    def _publish(self, ids: list[int]) -> int:
+        if self.broker_error is not None:  # down a moment ago: do not wait on it per chunk
+            self.unsent += len(ids)
+            return 0
+        try:
+            return enqueue(DOWNLOAD_TASK, ids, self.settings.download_batch_size, self.settings)
+        except BROKER_ERRORS as error:
+            self.broker_error = f"{type(error).__name__}: {error}"
+            self.unsent += len(ids)
+            log.warning("broker unreachable: recorded images are left to the reconciler: %s", error)
+            return 0
+
     def send(self, ids: list[int]) -> None:
-        args = (DOWNLOAD_TASK, ids, self.settings.download_batch_size, self.settings)
         if self._pool is None:
-            self.messages += enqueue(*args)
+            self.messages += enqueue(
+                DOWNLOAD_TASK, ids, self.settings.download_batch_size, self.settings
+            )
             return
-        self._pending.append(self._pool.submit(enqueue, *args))
+        self._pending.append(self._pool.submit(self._publish, ids))
         while len(self._pending) > self.depth:
             self.messages += self._pending.popleft().result()
 

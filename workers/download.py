@@ -18,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import requests
-from sqlalchemy import bindparam, select
+from sqlalchemy import Connection, bindparam, select
 
-from db.images import record_failures, transition
+from db.images import claim, record_failures, transition
 from db.schema import Image, ImageState, utcnow
-from db.session import session_scope
+from db.session import retrying, session_scope
 from flickd.core.blobstore import BlobStore
 from flickd.core.broker import ANALYZE_TASK
 from flickd.core.logs import log_context
@@ -30,7 +30,7 @@ from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
 from flickd.fetching.fetch import fetch, make_session
 from flickd.fetching.imaging import validate_image
-from workers.stage import StageResult
+from workers.stage import StageResult, holding
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,21 @@ def download_one(
 
 
 def claim_queued(image_ids: list[int], settings: Settings) -> list[tuple[int, int | None, str]]:
-    """The images of this batch that still need downloading (a re-delivery skips done ones)."""
-    with session_scope(settings) as session:
-        rows = session.execute(
-            select(Image.id, Image.run_id, Image.url).where(
-                Image.id.in_(image_ids), Image.state == ImageState.QUEUED.value
-            )
-        ).all()
-    return [(row.id, row.run_id, row.url) for row in rows]
+    """Claim the images of this batch that still need downloading (a re-delivery skips done
+    ones; images out of attempts fail here) and return ``(id, run_id, url)`` for each."""
+
+    def step() -> list[tuple[int, int | None, str]]:
+        with session_scope(settings) as session:
+            conn = session.connection()
+            ids = claim(conn, image_ids, ImageState.QUEUED.value, settings.max_stage_attempts)
+            if not ids:
+                return []
+            rows = conn.execute(
+                select(Image.id, Image.run_id, Image.url).where(Image.id.in_(ids))
+            ).all()
+        return [(row.id, row.run_id, row.url) for row in rows]
+
+    return retrying(step)
 
 
 def record_outcomes(outcomes: list[DownloadOutcome], settings: Settings) -> None:
@@ -132,8 +139,12 @@ def record_outcomes(outcomes: list[DownloadOutcome], settings: Settings) -> None
     ok = [o for o in outcomes if o.ok]
     bad = [o for o in outcomes if not o.ok]
     table = Image.__table__
-    with session_scope(settings) as session:
-        conn = session.connection()
+
+    def step() -> None:
+        with session_scope(settings) as session:
+            write(session.connection())
+
+    def write(conn: Connection) -> None:
         transition(
             conn,
             ImageState.QUEUED.value,
@@ -155,6 +166,8 @@ def record_outcomes(outcomes: list[DownloadOutcome], settings: Settings) -> None
             attempts=table.c.attempts + bindparam("b_attempts"),
             failure_reason=None,
             failure_detail=None,
+            stage_attempts=0,  # a new stage begins
+            last_error=None,
             downloaded_at=now,
         )
         record_failures(
@@ -162,6 +175,8 @@ def record_outcomes(outcomes: list[DownloadOutcome], settings: Settings) -> None
             ImageState.QUEUED.value,
             [(o.image_id, o.reason.value, o.detail, o.attempts) for o in bad if o.reason],
         )
+
+    retrying(step)
 
 
 def download_batch(image_ids: list[int], settings: Settings) -> list[DownloadOutcome]:
@@ -174,12 +189,15 @@ def download_batch(image_ids: list[int], settings: Settings) -> list[DownloadOut
     started = time.perf_counter()
     # Each thread runs in a copy of this task's context, so its log lines carry the task id.
     contexts = [contextvars.copy_context() for _ in todo]
-    outcomes = list(
-        pool.map(
-            lambda ctx, row: ctx.run(download_one, *row, settings, session, blobs), contexts, todo
+    with holding([row[0] for row in todo], ImageState.QUEUED.value, settings):
+        outcomes = list(
+            pool.map(
+                lambda ctx, row: ctx.run(download_one, *row, settings, session, blobs),
+                contexts,
+                todo,
+            )
         )
-    )
-    record_outcomes(outcomes, settings)
+        record_outcomes(outcomes, settings)
     log.info(
         "download batch done images=%d ok=%d failed=%d seconds=%.2f",
         len(outcomes),

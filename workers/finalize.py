@@ -17,13 +17,26 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
-from db.schema import Crop, Embedding, IndexBuild, IngestRun, ModelVersion, utcnow
+from db.embeddings import insert_embeddings
+from db.embeddings import missing_crop_ids as missing_crops
+from db.runs import claim_finalize, touch_run
+from db.schema import (
+    Crop,
+    FinalizeStatus,
+    IndexBuild,
+    IndexBuildStatus,
+    IngestRun,
+    ModelVersion,
+    utcnow,
+)
 from db.session import session_scope
-from db.versions import activate_embedder, active_embedder, dialect_insert
+from db.versions import activate_embedder, active_embedder
 from flickd.core.blobstore import BlobStore
 from flickd.core.broker import EMBED_TASK, enqueue
+from flickd.core.lease import heartbeat
 from flickd.core.settings import Settings
 from models import registry
 
@@ -88,14 +101,8 @@ def finetune_now(settings: Settings):  # type: ignore[no-untyped-def]
 
 def missing_crop_ids(settings: Settings, version_id: int, up_to: int | None = None) -> list[int]:
     """Crops with no embedding under ``version_id`` (only ids <= ``up_to`` when given)."""
-    has_embedding = exists().where(
-        and_(Embedding.crop_id == Crop.id, Embedding.model_version_id == version_id)
-    )
-    query = select(Crop.id).where(~has_embedding).order_by(Crop.id)
-    if up_to is not None:
-        query = query.where(Crop.id <= up_to)
     with session_scope(settings) as session:
-        return list(session.scalars(query))
+        return missing_crops(session, version_id, up_to)
 
 
 def start_reembed(version_id: int, settings: Settings) -> int:
@@ -108,9 +115,10 @@ def start_reembed(version_id: int, settings: Settings) -> int:
         session.add(
             IndexBuild(
                 model_version_id=version_id,
-                status="pending",
+                status=IndexBuildStatus.PENDING.value,
                 n_vectors=0,
                 params={"up_to_crop_id": up_to},
+                updated_at=utcnow(),
             )
         )
     ids = missing_crop_ids(settings, version_id, up_to)
@@ -134,25 +142,9 @@ def embed_crops(crop_ids: list[int], version_id: int, settings: Settings) -> int
     blobs = BlobStore(settings.blob_dir)
     pixels = [PILImage.open(io.BytesIO(blobs.get(r.blob_key))).convert("RGB") for r in rows]
     vectors = embedder.embed_images(pixels) if pixels else np.zeros((0, embedder.dim), "f4")
-    now = utcnow()
     with session_scope(settings) as session:
-        conn = session.connection()
-        if rows:
-            conn.execute(
-                dialect_insert(conn)(Embedding.__table__).on_conflict_do_nothing(
-                    index_elements=["crop_id", "model_version_id"]
-                ),
-                [
-                    {
-                        "crop_id": r.id,
-                        "model_version_id": version_id,
-                        "dim": int(v.shape[0]),
-                        "vector": v.astype("<f4").tobytes(),
-                        "created_at": now,
-                    }
-                    for r, v in zip(rows, vectors, strict=True)
-                ],
-            )
+        insert_embeddings(session.connection(), version_id, [r.id for r in rows], vectors)
+        _touch_build(session, version_id, IndexBuildStatus.PENDING)  # progress: not stalled
     complete_reembed(version_id, settings)
     return len(rows)
 
@@ -163,7 +155,8 @@ def complete_reembed(version_id: int, settings: Settings) -> bool:
     with session_scope(settings) as session:
         pending = session.scalars(
             select(IndexBuild).where(
-                IndexBuild.model_version_id == version_id, IndexBuild.status == "pending"
+                IndexBuild.model_version_id == version_id,
+                IndexBuild.status == IndexBuildStatus.PENDING,
             )
         ).first()
         up_to = (pending.params or {}).get("up_to_crop_id") if pending else None
@@ -172,23 +165,44 @@ def complete_reembed(version_id: int, settings: Settings) -> bool:
     with session_scope(settings) as session:
         claimed = session.execute(
             update(IndexBuild)
-            .where(IndexBuild.model_version_id == version_id, IndexBuild.status == "pending")
-            .values(status="building")
+            .where(
+                IndexBuild.model_version_id == version_id,
+                IndexBuild.status == IndexBuildStatus.PENDING,
+            )
+            .values(status=IndexBuildStatus.BUILDING.value, updated_at=utcnow())
             .execution_options(synchronize_session=False)
         ).rowcount
     if not claimed:
         return False
-    build_index(version_id, settings)
+
+    def renew() -> None:
+        with session_scope(settings) as session:
+            _touch_build(session, version_id, IndexBuildStatus.BUILDING)
+
+    with heartbeat(settings.lease_seconds, renew, enabled=not settings.embedded):
+        build_index(version_id, settings)
     with session_scope(settings) as session:
         activate_embedder(session, version_id)
         session.execute(
             update(IndexBuild)
-            .where(IndexBuild.model_version_id == version_id, IndexBuild.status == "building")
-            .values(status="ready")
+            .where(
+                IndexBuild.model_version_id == version_id,
+                IndexBuild.status == IndexBuildStatus.BUILDING,
+            )
+            .values(status=IndexBuildStatus.READY.value, updated_at=utcnow())
             .execution_options(synchronize_session=False)
         )
     log.info("re-embedding done; embedder version %s active", version_id)
     return True
+
+
+def _touch_build(session: Session, version_id: int, status: IndexBuildStatus) -> None:
+    session.execute(
+        update(IndexBuild)
+        .where(IndexBuild.model_version_id == version_id, IndexBuild.status == status)
+        .values(updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
 
 
 def build_index(version_id: int, settings: Settings) -> Path:
@@ -213,15 +227,32 @@ def refresh_index(settings: Settings) -> Path | None:
 
 
 # --- the task body -----------------------------------------------------------------------------
-def finalize_run(run_id: int | None, settings: Settings) -> FinalizeOutcome:
-    """What the final task does; ``run_id`` None means "by hand" (flickd finetune / index)."""
-    _mark(run_id, "running", settings)
+def finalize_run(
+    run_id: int | None, settings: Settings, *, claim: bool = False
+) -> FinalizeOutcome | None:
+    """What the final task does; ``run_id`` None means "by hand" (flickd finetune / index).
+
+    The task claims the run's final task first (``claim``): of every delivery of it (a
+    re-delivery, a reconciler's re-drive) exactly one runs it, and while it runs its heartbeat
+    keeps the claim alive. A claim whose worker died expires after the lease and the reconciler
+    sends the task again. Returns None when this delivery had nothing to do."""
+    if claim and run_id is not None and not claim_finalize(settings, run_id):
+        log.info("finalize run_id=%s already claimed or done: nothing to do", run_id)
+        return None
+
+    def renew() -> None:
+        with session_scope(settings) as session:
+            touch_run(session, run_id, FinalizeStatus.RUNNING)
+
     try:
-        outcome = _finalize(settings)
+        with heartbeat(
+            settings.lease_seconds, renew, enabled=run_id is not None and not settings.embedded
+        ):
+            outcome = _finalize(settings)
     except Exception:
-        _mark(run_id, "failed", settings)
+        _mark(run_id, FinalizeStatus.FAILED, settings)
         raise
-    _mark(run_id, outcome.action, settings)
+    _mark(run_id, FinalizeStatus(outcome.action), settings)
     log.info("finalize run_id=%s action=%s %s", run_id, outcome.action, outcome.detail)
     return outcome
 
@@ -252,13 +283,13 @@ def _finalize(settings: Settings) -> FinalizeOutcome:
     return FinalizeOutcome("reembedding" if pending else "nothing", {})
 
 
-def _mark(run_id: int | None, status: str, settings: Settings) -> None:
+def _mark(run_id: int | None, status: FinalizeStatus, settings: Settings) -> None:
     if run_id is None:
         return
     with session_scope(settings) as session:
         session.execute(
             update(IngestRun)
             .where(IngestRun.id == run_id)
-            .values(finalize_status=status, finalized_at=utcnow())
+            .values(finalize_status=status.value, finalized_at=utcnow(), updated_at=utcnow())
             .execution_options(synchronize_session=False)
         )

@@ -14,8 +14,18 @@ from typing import Any
 from celery import Task, shared_task
 from sqlalchemy.exc import OperationalError
 
+from db.images import record_error
 from db.runs import close_runs
-from flickd.core.broker import FINALIZE_TASK, app_settings, enqueue, send
+from db.schema import ImageState
+from db.session import session_scope
+from flickd.core.broker import (
+    BROKER_ERRORS,
+    FINALIZE_TASK,
+    RECONCILE_TASK,
+    app_settings,
+    enqueue,
+    send,
+)
 from flickd.core.logs import log_context
 from flickd.core.settings import Settings
 from flickd.core.timing import observe_stage
@@ -25,8 +35,10 @@ log = logging.getLogger(__name__)
 
 
 class FlickdTask(Task):
-    # Database or broker hiccups: retry the whole (idempotent) batch with backoff.
-    autoretry_for = (OperationalError, ConnectionError)
+    # Database or broker hiccups: retry the whole (idempotent) batch with backoff. A hand-off
+    # that cannot reach the broker is among them; if the retry cannot be sent either, the
+    # images stay due in the database and the reconciler sends them again.
+    autoretry_for = (OperationalError, *BROKER_ERRORS)
     retry_backoff = True
     retry_backoff_max = 120
     retry_jitter = True
@@ -34,6 +46,8 @@ class FlickdTask(Task):
     acks_late = True
     reject_on_worker_lost = True
     ignore_result = True
+    # The state the images of this task's batch wait in (None: the task holds no images).
+    image_state: str | None = None
 
     @property
     def settings(self) -> Settings:
@@ -64,15 +78,44 @@ class FlickdTask(Task):
             if settings.finalize_enabled:
                 send(FINALIZE_TASK, [[run_id]], settings)
 
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        self._record_error(exc, args)
 
-@shared_task(base=FlickdTask, name="flickd.download_batch", bind=True)
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        # The images stay due in the database: the reconciler re-drives them after the lease,
+        # and once they are out of attempts they fail with this error in their detail.
+        self._record_error(exc, args)
+
+    def _record_error(self, exc: BaseException, args: Any) -> None:
+        if self.image_state is None or not args or not args[0]:
+            return
+        error = f"{self.name.removeprefix('flickd.')}: {type(exc).__name__}: {exc}"
+        try:
+            with session_scope(self.settings) as session:
+                record_error(session.connection(), list(args[0]), self.image_state, error)
+        except Exception as failure:  # the database may be what failed
+            log.warning("cannot record the task's error: %s", failure)
+
+
+@shared_task(
+    base=FlickdTask, name="flickd.download_batch", bind=True, image_state=ImageState.QUEUED.value
+)
 def download_batch(self: FlickdTask, image_ids: list[int]) -> StageResult:
     from workers.download import download_stage
 
     return download_stage(image_ids, self.settings)
 
 
-@shared_task(base=FlickdTask, name="flickd.analyze_batch", bind=True)
+@shared_task(
+    base=FlickdTask,
+    name="flickd.analyze_batch",
+    bind=True,
+    image_state=ImageState.DOWNLOADED.value,
+)
 def analyze_batch(self: FlickdTask, image_ids: list[int]) -> StageResult:
     from workers.vision import analyze_stage
 
@@ -83,7 +126,7 @@ def analyze_batch(self: FlickdTask, image_ids: list[int]) -> StageResult:
 def finalize(self: FlickdTask, run_id: int | None) -> None:
     from workers.finalize import finalize_run
 
-    finalize_run(run_id, self.settings)
+    finalize_run(run_id, self.settings, claim=True)
 
 
 @shared_task(base=FlickdTask, name="flickd.embed_crops", bind=True)
@@ -91,3 +134,11 @@ def embed_crops(self: FlickdTask, crop_ids: list[int], version_id: int) -> None:
     from workers.finalize import embed_crops as embed
 
     embed(crop_ids, version_id, self.settings)
+
+
+# No retries: the next scheduled pass is the retry.
+@shared_task(base=FlickdTask, name=RECONCILE_TASK, bind=True, autoretry_for=(), max_retries=0)
+def reconcile(self: FlickdTask) -> None:
+    from workers.reconcile import reconcile_once
+
+    reconcile_once(self.settings)

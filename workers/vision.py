@@ -23,10 +23,11 @@ import torch
 from PIL import Image as PILImage
 from sqlalchemy import select
 
-from db.images import record_failures, transition
+from db.embeddings import insert_embeddings
+from db.images import claim, record_failures, transition
 from db.schema import Crop as CropRow
-from db.schema import Embedding, Image, ImageState, Product, utcnow
-from db.session import session_scope
+from db.schema import Image, ImageState, Product, utcnow
+from db.session import retrying, session_scope
 from db.versions import active_embedder, embedder_version_id
 from db.versions import dialect_insert as _insert
 from flickd.core.blobstore import BlobStore
@@ -40,7 +41,7 @@ from models.colour import dominant_colour
 from models.crops import Crop, crop_image, plan_crops
 from models.labels import label_by_name
 from models.prompts import crop_key, make_prompt
-from workers.stage import StageResult
+from workers.stage import StageResult, holding
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +94,24 @@ def halving_on_oom(
     return results
 
 
-def _load_batch(image_ids: list[int], settings: Settings) -> list[_Item]:
-    with session_scope(settings) as session:
-        rows = session.execute(
-            select(Image.id, Image.run_id, Image.blob_key, Product.category)
-            .join(Product, Product.id == Image.product_id)
-            .where(Image.id.in_(image_ids), Image.state == ImageState.DOWNLOADED.value)
-            .order_by(Image.id)
-        ).all()
-    return [_Item(r.id, r.run_id, r.blob_key, r.category) for r in rows]
+def _claim_batch(image_ids: list[int], settings: Settings) -> tuple[list[_Item], set[int | None]]:
+    """Claim the batch's still-``downloaded`` images (those out of attempts fail here); return
+    them, and the runs of every image of the batch (a failure here may complete a run)."""
+
+    def step() -> tuple[list[_Item], set[int | None]]:
+        with session_scope(settings) as session:
+            conn = session.connection()
+            ids = claim(conn, image_ids, ImageState.DOWNLOADED.value, settings.max_stage_attempts)
+            rows = conn.execute(
+                select(Image.id, Image.run_id, Image.blob_key, Product.category)
+                .join(Product, Product.id == Image.product_id)
+                .where(Image.id.in_(ids))
+                .order_by(Image.id)
+            ).all()
+            run_ids = set(conn.scalars(select(Image.run_id).where(Image.id.in_(image_ids))))
+        return [_Item(r.id, r.run_id, r.blob_key, r.category) for r in rows], run_ids
+
+    return retrying(step)
 
 
 def _decode(items: list[_Item], blobs: BlobStore, settings: Settings) -> None:
@@ -197,6 +207,18 @@ def _write(
     now = utcnow()
     good = [item for item in items if item.failure is None]
     bad = [item for item in items if item.failure is not None]
+    retrying(lambda: _write_once(good, bad, vectors, embedder, detector_version, now, settings))
+
+
+def _write_once(
+    good: list[_Item],
+    bad: list[_Item],
+    vectors: np.ndarray,
+    embedder: Any,
+    detector_version: str | None,
+    now: Any,
+    settings: Settings,
+) -> None:
     with session_scope(settings) as session:
         conn = session.connection()
         version_id = embedder_version_id(conn, embedder.name_or_dir, embedder.model_version)
@@ -221,20 +243,11 @@ def _write(
                     )
                 )
             }
-            conn.execute(
-                _insert(conn)(Embedding.__table__).on_conflict_do_nothing(
-                    index_elements=["crop_id", "model_version_id"]
-                ),
-                [
-                    {
-                        "crop_id": ids[(row["image_id"], row["crop_index"])],
-                        "model_version_id": version_id,
-                        "dim": int(vector.shape[0]),
-                        "vector": vector.astype("<f4").tobytes(),
-                        "created_at": now,
-                    }
-                    for row, vector in zip(rows, vectors, strict=True)
-                ],
+            insert_embeddings(
+                conn,
+                version_id,
+                [ids[(row["image_id"], row["crop_index"])] for row in rows],
+                vectors,
             )
         transition(
             conn,
@@ -261,11 +274,16 @@ def embedder_name(settings: Settings) -> str:
 def analyze_batch(image_ids: list[int], settings: Settings) -> AnalyzeReport:
     """Analyse every still-``downloaded`` image of the batch; return what happened."""
     report = AnalyzeReport()
-    clock = time.perf_counter
-    items = _load_batch(image_ids, settings)
-    report.run_ids = {item.run_id for item in items}
+    items, report.run_ids = _claim_batch(image_ids, settings)
     if not items:
         return report
+    with holding([item.image_id for item in items], ImageState.DOWNLOADED.value, settings):
+        _analyze(items, report, settings)
+    return report
+
+
+def _analyze(items: list[_Item], report: AnalyzeReport, settings: Settings) -> None:
+    clock = time.perf_counter
     blobs = BlobStore(settings.blob_dir)
 
     started = clock()
@@ -322,7 +340,6 @@ def analyze_batch(image_ids: list[int], settings: Settings) -> AnalyzeReport:
         report.crops,
         " ".join(f"{k}_s={v:.3f}" for k, v in report.seconds.items()),
     )
-    return report
 
 
 def analyze_stage(image_ids: list[int], settings: Settings) -> StageResult:

@@ -134,6 +134,22 @@ def app_settings(app: Celery) -> Settings:
     return getattr(app, "flickd_settings", None) or get_settings()
 
 
+def _broker_errors() -> tuple[type[BaseException], ...]:
+    import kombu.exceptions
+    import redis.exceptions
+
+    return (
+        kombu.exceptions.OperationalError,
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        ConnectionError,
+        TimeoutError,
+    )
+
+
+# What publishing raises when the broker cannot be reached (after PUBLISH_RETRY_POLICY).
+BROKER_ERRORS = _broker_errors()
+
 # Publishing retries while the broker is briefly away (a restart, a fail-over): kombu reconnects
 # between tries. Past these ~30 s the caller decides; the database still says the work is due.
 PUBLISH_RETRY_POLICY = {

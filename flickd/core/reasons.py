@@ -19,6 +19,9 @@ class FailureReason(StrEnum):
     CORRUPT_IMAGE = "corrupt_image"
     ANALYSIS_ERROR = "analysis_error"
     INTERNAL_ERROR = "internal_error"  # a bug; the detail names the exception
+    # The stage was started FLICKD_MAX_STAGE_ATTEMPTS times without finishing (its worker died,
+    # or the stage raised each time); the detail says which stage and the last error.
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
     CANCELLED = "cancelled"
 
 
