@@ -1,6 +1,6 @@
 """Producer: read a feed in chunks, record products and images, enqueue downloads.
 
-Per chunk: validated rows (producer/feeds.py) are staged in a temporary table (COPY on
+Per chunk: validated rows (producer/feeds/) are staged in a temporary table (COPY on
 Postgres), then two set-based ``INSERT … SELECT … ON CONFLICT`` statements record products and
 images; ``RETURNING`` gives the ids of the images that are new, and only those are enqueued,
 in batches, after the chunk's transaction has committed. Ingesting the same feed twice

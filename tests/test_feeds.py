@@ -19,7 +19,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from producer import feeds
 from producer.feeds import (
     FeedChunk,
     FeedColumns,
@@ -27,14 +26,15 @@ from producer.feeds import (
     InvalidURL,
     RejectedRow,
     RejectReason,
-    _check_slow_urls,
-    _SeenHashes,
+    delimited,
     detect_format,
     estimate_rows,
     normalize_url,
     read_feed,
     url_hash,
 )
+from producer.feeds.dedupe import SeenHashes as _SeenHashes
+from producer.feeds.urls import _check_slow_urls
 
 HEADER = "product_id,image_url,title,brand,category,price\n"
 
@@ -91,7 +91,7 @@ def csv_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     """Run a test with each delimited-text reader: pyarrow (fast; lines that do not fit the
     header come through its invalid-row handler) and the csv module, which read_feed picks
     when such lines are common."""
-    monkeypatch.setattr(feeds, "_MAX_MISFITS", 1.0 if request.param == "pyarrow" else -1.0)
+    monkeypatch.setattr(delimited, "_MAX_MISFITS", 1.0 if request.param == "pyarrow" else -1.0)
     return str(request.param)
 
 
@@ -410,9 +410,9 @@ def test_both_csv_readers_agree_on_a_messy_multi_block_file(
 ) -> None:
     # ~3 MB: several pyarrow blocks, so rows are numbered across its read-ahead.
     path = write(tmp_path, "feed.csv", messy_csv(60_000, seed=1))
-    monkeypatch.setattr(feeds, "_MAX_MISFITS", 1.0)
+    monkeypatch.setattr(delimited, "_MAX_MISFITS", 1.0)
     fast = read(path, chunk_rows=7_000)
-    monkeypatch.setattr(feeds, "_MAX_MISFITS", -1.0)
+    monkeypatch.setattr(delimited, "_MAX_MISFITS", -1.0)
     slow = read(path, chunk_rows=7_000)
     assert fast.pairs() == slow.pairs()
     assert fast.reasons() == slow.reasons()
@@ -427,13 +427,13 @@ def test_a_long_run_of_misfit_lines_switches_to_the_csv_module(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     switched_at: list[int] = []
-    original = feeds._csv_module_chunks
+    original = delimited._csv_module_chunks
 
     def spy(spec: object, *, done: int) -> object:
         switched_at.append(done)
         return original(spec, done=done)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(feeds, "_csv_module_chunks", spy)
+    monkeypatch.setattr(delimited, "_csv_module_chunks", spy)
     # A clean first MiB (so pyarrow is picked), then 15,000 short rows, then clean again.
     good = [f"{i},https://a.com/{i}.jpg,Title {i},b,c,{i}" for i in range(30_000)]
     short = [f"{i},https://a.com/{i}.jpg" for i in range(30_000, 45_000)]
