@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
+
+from flickd.core.logs import setup_logging
 from flickd.core.settings import Settings
 
 TEXT_QUERIES = (
@@ -36,6 +39,48 @@ class DemoResult:
     finalize: dict[str, Any]
     searches: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@click.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("flickd-demo"),
+    show_default=True,
+)
+@click.option("--products", type=int, default=100, show_default=True)
+@click.option(
+    "--detector/--no-detector",
+    default=False,
+    show_default=True,
+    help="Use the offline (random-weight) detector; its boxes carry no meaning.",
+)
+def demo(out_dir: Path, products: int, detector: bool) -> None:
+    """The whole pipeline on the embedded default with offline models, in one command."""
+    setup_logging("WARNING")
+    result = run_demo(out_dir, products=products, detector=detector)
+    summary = result.summary
+    click.echo(
+        f"ingested {summary['accepted']} images of {products} products: "
+        f"{summary.get('images_by_state') or summary['status']}"
+    )
+    if result.finalize:
+        before = result.finalize.get("before", {}).get("text_to_image", {}).get("recall@5")
+        after = result.finalize.get("after", {}).get("text_to_image", {}).get("recall@5")
+        click.echo(
+            f"fine-tuned CLIP: held-out text->image recall@5 {before} -> {after}, "
+            f"{'promoted' if result.finalize.get('promoted') else 'not promoted'}"
+        )
+    for search in result.searches:
+        top = search["hits"][0] if search["hits"] else None
+        found = f"{top['product_id']} {top['score']:.3f} {top['match']}" if top else "nothing"
+        click.echo(f"  {search['query']!r}: {found}")
+    click.echo(f"report: {result.report}  ({result.seconds:.0f} s)")
+
+
+def register(main: click.Group) -> None:
+    main.add_command(demo)
 
 
 def demo_settings(out_dir: Path, models: dict[str, Path], detector: bool) -> Settings:

@@ -1,32 +1,27 @@
-"""Operator commands: ``flower``, ``metrics``, ``pause``, ``resume``, ``cancel``, ``reprocess``,
-and the live view behind ``flickd status --watch``. ``register(main)`` adds them to the CLI.
+"""Operator commands: ``db upgrade``, ``worker``, ``flower``, ``metrics``, ``pause``, ``resume``,
+``cancel`` and ``reprocess``. ``register(main)`` adds them to the CLI.
 
-The commands are thin: the work is done by plain functions in workers/control.py and
-flickd/services/metrics.py, which tests call directly.
+The commands are thin: the work is done by plain functions in db/migrate.py, workers/control.py
+and flickd/services/metrics.py, which tests call directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
-from db.migrate import ensure_schema
-from flickd.core.logs import configured_settings
+from flickd.cli.context import needs_schema, pass_settings
 from flickd.core.settings import Settings
 
 if TYPE_CHECKING:
-    from db.runs import RunProgress
     from workers.control import QueueCommand
 
 QUEUE_NAMES = ("download", "gpu")
-FINISHED = ("done", "failed", "cancelled")  # RunStatus values (db.schema, not imported up here)
 
 
 def _require_broker(settings: Settings, what: str) -> None:
@@ -44,7 +39,67 @@ def _control_errors() -> Iterator[None]:
         raise click.ClickException(str(error)) from error
 
 
+# --- database ---------------------------------------------------------------------------------
+@click.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+@pass_settings
+def db_upgrade(settings: Settings, revision: str) -> None:
+    """Apply schema migrations (Postgres or SQLite)."""
+    from db.migrate import current_revision, upgrade
+
+    upgrade(settings, revision)
+    click.echo(f"database at revision {current_revision(settings)}")
+
+
 # --- services ---------------------------------------------------------------------------------
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--queues",
+    "-Q",
+    default="download",
+    show_default=True,
+    help="download, gpu, or both (comma-separated).",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=int,
+    default=None,
+    help="Worker processes (gpu queue: always 1 per GPU, solo pool).",
+)
+@click.option("--hostname", "-n", default=None)
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+@pass_settings
+def worker(
+    settings: Settings,
+    queues: str,
+    concurrency: int | None,
+    hostname: str | None,
+    celery_args: tuple[str, ...],
+) -> None:
+    """Start a Celery worker (runs `celery -A workers.app worker` with flickd's defaults)."""
+    if settings.embedded:
+        raise click.ClickException("FLICKD_BROKER_URL is not set: embedded mode needs no worker")
+    from flickd.core.broker import get_app
+
+    argv = ["worker", "-Q", queues, "--loglevel", settings.log_level]
+    if "gpu" in queues.split(","):
+        # One model copy per GPU: a solo pool keeps the weights in the one process that loaded
+        # them, and CUDA must not be initialised before a fork.
+        argv += ["--pool", "solo"]
+    elif concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    if hostname:
+        argv += ["--hostname", hostname]
+    argv += list(celery_args)
+    get_app(settings).worker_main(argv)
+
+
 def _flower_auth(settings: Settings) -> str:
     auth = settings.flower_basic_auth or ""
     user, _, password = auth.partition(":")
@@ -63,9 +118,9 @@ def _flower_auth(settings: Settings) -> str:
 @click.option("--port", type=int, default=5555, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True, help="0.0.0.0 in a container.")
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
-def flower(port: int, address: str, flower_args: tuple[str, ...]) -> None:
+@pass_settings
+def flower(settings: Settings, port: int, address: str, flower_args: tuple[str, ...]) -> None:
     """Start Flower, the Celery dashboard, behind basic auth (FLICKD_FLOWER_BASIC_AUTH)."""
-    settings = configured_settings()
     _require_broker(settings, "workers to watch")
     auth = _flower_auth(settings)
     from flickd.core.broker import get_app
@@ -78,12 +133,11 @@ def flower(port: int, address: str, flower_args: tuple[str, ...]) -> None:
 @click.command()
 @click.option("--port", type=int, default=9108, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True, help="0.0.0.0 in a container.")
-def metrics(port: int, address: str) -> None:
+@needs_schema
+def metrics(settings: Settings, port: int, address: str) -> None:
     """Serve Prometheus metrics (queues, images per state, failures, model, index) on /metrics."""
     from flickd.services.metrics import serve_metrics
 
-    settings = configured_settings()
-    ensure_schema(settings)
     serve_metrics(settings, port, address)
 
 
@@ -98,9 +152,11 @@ def _echo_queue_command(result: QueueCommand) -> None:
 
 
 def _queue_command(
-    run: Callable[[str, Settings], QueueCommand], queues: tuple[str, ...], what: str
+    settings: Settings,
+    run: Callable[[str, Settings], QueueCommand],
+    queues: tuple[str, ...],
+    what: str,
 ) -> None:
-    settings = configured_settings()
     _require_broker(settings, what)
     with _control_errors():
         for queue in queues or QUEUE_NAMES:
@@ -115,12 +171,13 @@ def _queue_command(
     multiple=True,
     help="Queue to pause (repeatable; default: all).",
 )
-def pause(queues: tuple[str, ...]) -> None:
+@pass_settings
+def pause(settings: Settings, queues: tuple[str, ...]) -> None:
     """Stop the workers taking messages from a queue; nothing is lost, the messages wait in
     Redis. Running tasks finish. Workers started while paused do not consume it either."""
     from workers.control import pause_queue
 
-    _queue_command(pause_queue, queues, "queues to pause")
+    _queue_command(settings, pause_queue, queues, "queues to pause")
 
 
 @click.command()
@@ -131,23 +188,23 @@ def pause(queues: tuple[str, ...]) -> None:
     multiple=True,
     help="Queue to resume (repeatable; default: all).",
 )
-def resume(queues: tuple[str, ...]) -> None:
+@pass_settings
+def resume(settings: Settings, queues: tuple[str, ...]) -> None:
     """Let the workers started for a queue take its messages again."""
     from workers.control import resume_queue
 
-    _queue_command(resume_queue, queues, "queues to resume")
+    _queue_command(settings, resume_queue, queues, "queues to resume")
 
 
 # --- cancel / reprocess -----------------------------------------------------------------------
 @click.command()
 @click.argument("run", type=int)
 @click.option("--json", "as_json", is_flag=True)
-def cancel(run: int, as_json: bool) -> None:
+@needs_schema
+def cancel(settings: Settings, run: int, as_json: bool) -> None:
     """Cancel RUN: its images not yet processed fail with reason `cancelled`."""
     from workers.control import cancel_run
 
-    settings = configured_settings()
-    ensure_schema(settings)
     with _control_errors():
         result = cancel_run(run, settings)
     if as_json:
@@ -164,14 +221,13 @@ def cancel(run: int, as_json: bool) -> None:
 @click.command()
 @click.option("--all", "all_analyzed", is_flag=True, help="Every analysed image, embedded or not.")
 @click.option("--run", "run_id", type=int, default=None, help="Only images of this run.")
-def reprocess(all_analyzed: bool, run_id: int | None) -> None:
+@needs_schema
+def reprocess(settings: Settings, all_analyzed: bool, run_id: int | None) -> None:
     """Re-analyse images after a model change: those lacking an embedding under the active
     embedder version (--all: every analysed image). The GPU workers embed with their
     FLICKD_EMBEDDING_MODEL; existing crops are kept."""
     from workers.control import reprocess as run_reprocess
 
-    settings = configured_settings()
-    ensure_schema(settings)
     with _control_errors():
         result = run_reprocess(settings, run_id=run_id, all_analyzed=all_analyzed)
     scope = "every analysed image" if all_analyzed else "images missing an embedding"
@@ -182,78 +238,6 @@ def reprocess(all_analyzed: bool, run_id: int | None) -> None:
     )
 
 
-# --- status --watch ---------------------------------------------------------------------------
-def _watched_runs(settings: Settings, run_id: int | None) -> list[int]:
-    """RUN, else every run still in progress, else the latest run."""
-    from sqlalchemy import select
-
-    from db.runs import latest_run_id
-    from db.schema import IngestRun, RunStatus
-    from db.session import session_scope
-
-    if run_id is not None:
-        return [run_id]
-    with session_scope(settings) as session:
-        active = list(
-            session.scalars(
-                select(IngestRun.id)
-                .where(IngestRun.status.in_([RunStatus.RUNNING.value, RunStatus.ENQUEUED.value]))
-                .order_by(IngestRun.id)
-            )
-        )
-        latest = latest_run_id(session)
-    if not active and latest is None:
-        raise click.ClickException("no ingest run recorded yet")
-    return active or [latest]  # type: ignore[list-item]
-
-
-def _done(progress: RunProgress, settings: Settings) -> int:
-    from db.runs import terminal_states
-
-    finished = terminal_states(settings.last_stage)
-    return sum(n for state, n in progress.images_by_state.items() if state in finished)
-
-
-def watch_runs(settings: Settings, run_id: int | None, interval: float = 1.0) -> None:
-    """Progress bars with rate and ETA, one per run, refreshed every ``interval`` seconds until
-    the runs finish (or Ctrl-C)."""
-    from tqdm import tqdm
-
-    from db.runs import run_progress
-    from db.session import session_scope
-
-    run_ids = _watched_runs(settings, run_id)
-    bars: dict[int, Any] = {}
-    try:
-        while True:
-            with session_scope(settings) as session:
-                progresses = [run_progress(session, r) for r in run_ids]
-            for position, progress in enumerate(progresses):
-                if progress is None:
-                    raise click.ClickException(f"no run {run_ids[position]}")
-                bar = bars.get(progress.run_id)
-                if bar is None:
-                    bar = bars[progress.run_id] = tqdm(
-                        desc=f"run {progress.run_id}",
-                        unit="img",
-                        position=position,
-                        file=sys.stderr,
-                        dynamic_ncols=True,
-                    )
-                # The producer may still be adding images: the total can grow.
-                bar.total = progress.images_total
-                bar.update(_done(progress, settings) - bar.n)  # update() keeps rate/ETA live
-                bar.set_postfix_str(progress.status, refresh=True)
-            if all(p is not None and p.status in FINISHED for p in progresses):
-                return
-            time.sleep(interval)
-    except KeyboardInterrupt:
-        return
-    finally:
-        for bar in bars.values():
-            bar.close()
-
-
 def register(main: click.Group) -> None:
-    for command in (flower, metrics, pause, resume, cancel, reprocess):
+    for command in (db, worker, flower, metrics, pause, resume, cancel, reprocess):
         main.add_command(command)

@@ -70,12 +70,3 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for noisy in ("urllib3", "PIL", "filelock", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def configured_settings():  # type: ignore[no-untyped-def]
-    """The process's settings, with logging set up from them (what every command starts with)."""
-    from flickd.core.settings import get_settings
-
-    settings = get_settings()
-    setup_logging(settings.log_level, settings.log_format)
-    return settings

@@ -1,0 +1,103 @@
+"""What the commands share: the settings of one invocation, kept on the click context.
+
+The ``main`` group puts a :class:`CliState` on the context (``ctx.obj``). It reads the settings
+(and sets up logging from them) the first time a command asks, and at most once; a command that
+never asks (``--help``, ``models build``, ``demo``) reads no settings and opens no database.
+
+A command asks through a decorator, which passes the settings as its first argument::
+
+    @main.command()
+    @pass_settings  # the settings only (`worker`, `flower`, `db upgrade`, ...)
+    def worker(settings: Settings, ...) -> None: ...
+
+    @main.command()
+    @needs_schema  # the settings, with the embedded database created or upgraded first
+    def status(settings: Settings, ...) -> None: ...
+
+or, where something must be checked before the settings are read, by calling
+:func:`current_settings` in its body.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import click
+
+from flickd.core.settings import Settings
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def configured_settings() -> Settings:
+    """The process's settings, with logging set up from them (what every command starts with)."""
+    from flickd.core.logs import setup_logging
+    from flickd.core.settings import get_settings
+
+    settings = get_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+class CliState:
+    """One invocation's settings, read on first use; the schema, ensured on first use."""
+
+    def __init__(self) -> None:
+        self._settings: Settings | None = None
+        self._schema_ensured = False
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = configured_settings()
+        return self._settings
+
+    def schema_settings(self) -> Settings:
+        """The settings, after creating or upgrading the embedded (SQLite) database; a shared
+        Postgres is left to ``flickd db upgrade`` (see ``db.migrate.ensure_schema``)."""
+        settings = self.settings
+        if not self._schema_ensured:
+            from db.migrate import ensure_schema
+
+            ensure_schema(settings)
+            self._schema_ensured = True
+        return settings
+
+
+def cli_state() -> CliState:
+    """The state of the running invocation (created here if a command runs without ``main``)."""
+    return click.get_current_context().ensure_object(CliState)
+
+
+def current_settings(schema: bool = False) -> Settings:
+    """The settings of the running command; with ``schema``, the database schema ensured."""
+    state = cli_state()
+    return state.schema_settings() if schema else state.settings
+
+
+def pass_settings(command: Callable[Concatenate[Settings, P], R]) -> Callable[P, R]:
+    """Call the command with the settings as its first argument."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        return command(current_settings(), *args, **kwargs)
+
+    return wrapper
+
+
+def needs_schema(command: Callable[Concatenate[Settings, P], R]) -> Callable[P, R]:
+    """Call the command with the settings as its first argument, the schema ensured."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        return command(current_settings(schema=True), *args, **kwargs)
+
+    return wrapper
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
