@@ -10,6 +10,17 @@ from sqlalchemy import Connection, select
 from db.schema import ReconcilerCounter, utcnow
 from db.versions import dialect_insert
 
+# What a reconciler pass counts (workers/reconcile.py), each summed over every pass.
+RECONCILER_ACTIONS = (
+    "requeued_download",
+    "requeued_analyze",
+    "exhausted",
+    "runs_closed",
+    "producers_lost",
+    "finalize_redriven",
+    "builds_redriven",
+)
+
 
 def add_counts(conn: Connection, counts: Mapping[str, int]) -> None:
     table = ReconcilerCounter.__table__

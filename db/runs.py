@@ -133,6 +133,11 @@ class RunProgress:
     images_by_state: dict[str, int] = field(default_factory=dict)
     failures_by_reason: dict[str, int] = field(default_factory=dict)
     images_per_second: float | None = None
+    # Pending images with no progress for longer than the lease, per state: their messages
+    # were lost or their workers died; the reconciler re-drives them.
+    stuck_by_state: dict[str, int] = field(default_factory=dict)
+    finalize_status: str | None = None
+    error: str | None = None
 
     @property
     def images_total(self) -> int:
@@ -150,7 +155,11 @@ def latest_run_id(session: Session) -> int | None:
     return session.scalar(select(func.max(IngestRun.id)))
 
 
-def run_progress(session: Session, run_id: int) -> RunProgress | None:
+def run_progress(
+    session: Session, run_id: int, lease_seconds: int | None = None
+) -> RunProgress | None:
+    """The run's counters and its images per state (with ``lease_seconds``, also how many
+    pending images are stuck: no progress for longer than the lease)."""
     run = session.get(IngestRun, run_id)
     if run is None:
         return None
@@ -187,7 +196,20 @@ def run_progress(session: Session, run_id: int) -> RunProgress | None:
         images_by_state=by_state,
         failures_by_reason={str(k): v for k, v in by_reason.items()},
         images_per_second=rate,
+        stuck_by_state=_stuck(session, run_id, lease_seconds),
+        finalize_status=run.finalize_status,
+        error=run.error,
     )
+
+
+def _stuck(session: Session, run_id: int, lease_seconds: int | None) -> dict[str, int]:
+    from db.images import stalled_counts
+
+    if lease_seconds is None:
+        return {}
+    before = utcnow() - timedelta(seconds=lease_seconds)
+    counts = stalled_counts(session.connection(), before, run_id)
+    return {state: stuck for state, (stuck, _) in counts.items() if stuck}
 
 
 def _aware(moment: datetime) -> datetime:
@@ -252,6 +274,8 @@ def reset_failed(session: Session, run_id: int | None, reason: str | None) -> li
                 state=ImageState.QUEUED.value,
                 failure_reason=None,
                 failure_detail=None,
+                stage_attempts=0,
+                last_error=None,
                 updated_at=utcnow(),
             )
             .execution_options(synchronize_session=False)

@@ -53,7 +53,15 @@ def _subcommand(args: Sequence[str]) -> tuple[click.Command, list[str], list[str
 
 # --- structure ---------------------------------------------------------------------------------
 def test_compose_defines_the_whole_system():
-    assert set(FLICKD) >= {"migrate", "download-worker", "gpu-worker", "api", "flower", "metrics"}
+    assert set(FLICKD) >= {
+        "migrate",
+        "download-worker",
+        "gpu-worker",
+        "scheduler",
+        "api",
+        "flower",
+        "metrics",
+    }
     assert {"redis", "postgres"} <= set(SERVICES) - set(FLICKD)
 
 
@@ -290,6 +298,7 @@ def test_compose_smoke(pg_settings, tiny_models, catalog, tmp_path):
             "download-1": _local("download-worker", name="download-1"),
             "download-2": _local("download-worker", name="download-2"),
             "gpu": _local("gpu-worker", name="gpu"),
+            "scheduler": _local("scheduler", name="scheduler"),
         }.items():
             log = logs / f"{name}.log"
             proc = _start(stack, cmd, settings, log)
@@ -319,7 +328,12 @@ def test_compose_smoke(pg_settings, tiny_models, catalog, tmp_path):
 
         status, workers = flower_get(flower_port, "/api/workers?refresh=1", auth="ops:smoke")
         assert status == 200
-        assert {w.split("@")[0] for w in workers} == {"download-1", "download-2", "gpu"}
+        assert {w.split("@")[0] for w in workers} == {
+            "download-1",
+            "download-2",
+            "gpu",
+            "scheduler",
+        }
         gpu_pool = next(w for n, w in workers.items() if n.startswith("gpu@"))["stats"]["pool"]
         assert gpu_pool["max-concurrency"] == 1 and "solo" in gpu_pool["implementation"]
 

@@ -21,10 +21,20 @@ from celery.worker.control import control_command
 from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session
 
+from db.runs import close_runs
 from db.schema import Crop, Embedding, Image, ImageState, IngestRun, ModelVersion, RunStatus, utcnow
 from db.session import session_scope
 from db.versions import active_embedder
-from flickd.core.broker import ANALYZE_TASK, QUEUES, app_settings, enqueue, get_app
+from flickd.core.broker import (
+    ANALYZE_TASK,
+    DOWNLOAD_TASK,
+    FINALIZE_TASK,
+    QUEUES,
+    app_settings,
+    enqueue,
+    get_app,
+    send,
+)
 from flickd.core.reasons import FailureReason
 from flickd.core.settings import Settings
 
@@ -253,6 +263,72 @@ def cancel_run(run_id: int, settings: Settings) -> CancelResult:
         )
     log.info("run cancelled run_id=%s images=%s", run_id, result.rowcount)
     return CancelResult(run_id, previous, result.rowcount, by_state)
+
+
+# --- resume a cancelled run -------------------------------------------------------------------
+@dataclass
+class ResumeResult:
+    run_id: int
+    images: int  # cancelled images sent again
+    analysis: int  # of those, straight to analysis (their bytes were already stored)
+
+
+def resume_run(run_id: int, settings: Settings) -> ResumeResult:
+    """Resume a cancelled run: its cancelled images are due again (those whose bytes were
+    already stored go straight to analysis) and the run finishes and finalizes like any other.
+    Images that failed for any other reason keep their outcome."""
+    with session_scope(settings) as session:
+        resumed = session.execute(
+            update(IngestRun)
+            .where(IngestRun.id == run_id, IngestRun.status == RunStatus.CANCELLED.value)
+            .values(
+                status=RunStatus.ENQUEUED.value,
+                finished_at=None,
+                finalize_status=None,
+                finalize_attempts=0,
+                updated_at=utcnow(),
+            )
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if not resumed:
+            status = session.scalar(select(IngestRun.status).where(IngestRun.id == run_id))
+            raise ControlError(
+                f"no run {run_id}" if status is None else f"run {run_id} is {status}, not cancelled"
+            )
+        cancelled = (
+            (Image.run_id == run_id)
+            & (Image.state == ImageState.FAILED.value)
+            & (Image.failure_reason == FailureReason.CANCELLED.value)
+        )
+        again = {"failure_reason": None, "failure_detail": None, "stage_attempts": 0}
+        to_analyze: list[int] = []
+        if settings.last_stage == "analyze":
+            to_analyze = list(
+                session.scalars(
+                    update(Image)
+                    .where(cancelled, Image.blob_key.is_not(None))
+                    .values(state=ImageState.DOWNLOADED.value, updated_at=utcnow(), **again)
+                    .returning(Image.id)
+                    .execution_options(synchronize_session=False)
+                )
+            )
+        to_download = list(
+            session.scalars(
+                update(Image)
+                .where(cancelled)
+                .values(state=ImageState.QUEUED.value, updated_at=utcnow(), **again)
+                .returning(Image.id)
+                .execution_options(synchronize_session=False)
+            )
+        )
+    # Committed: now the workers may see them. A send that fails leaves them to the reconciler.
+    enqueue(DOWNLOAD_TASK, sorted(to_download), settings.download_batch_size, settings)
+    enqueue(ANALYZE_TASK, sorted(to_analyze), settings.analyze_batch_size, settings)
+    for closed in close_runs(settings, [run_id]):  # nothing was left to do
+        if settings.finalize_enabled:
+            send(FINALIZE_TASK, [[closed]], settings)
+    log.info("run resumed run_id=%s images=%d", run_id, len(to_download) + len(to_analyze))
+    return ResumeResult(run_id, len(to_download) + len(to_analyze), len(to_analyze))
 
 
 # --- reprocess --------------------------------------------------------------------------------

@@ -135,6 +135,13 @@ def _print_summary(result: dict[str, Any]) -> None:
         f"{result['already_known']:,})"
     )
     click.echo(f"  enqueued         {result['enqueued']:>10,}  in {result['messages']:,} messages")
+    if result.get("not_sent"):
+        click.echo(
+            f"  not yet sent     {result['not_sent']:>10,}  the broker was unreachable "
+            f"({result['broker_error']}); they are recorded and the reconciler sends them "
+            "once it is back (`flickd scheduler`, or `flickd reconcile` by hand)",
+            err=True,
+        )
     if result.get("images_by_state"):
         states = ", ".join(f"{k} {v:,}" for k, v in sorted(result["images_by_state"].items()))
         click.echo(f"  images           {states}")

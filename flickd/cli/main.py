@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import click
 
-from flickd.cli import demo, ingest, ops, runs, search, training
+from flickd.cli import demo, durable, ingest, ops, runs, search, training
 from flickd.cli.context import CliState
 
-COMMAND_MODULES = (ingest, runs, search, training, ops, demo)
+COMMAND_MODULES = (ingest, runs, search, training, ops, durable, demo)
 
 
 @click.group()

@@ -188,9 +188,23 @@ def pause(settings: Settings, queues: tuple[str, ...]) -> None:
     multiple=True,
     help="Queue to resume (repeatable; default: all).",
 )
+@click.option("--run", "run_id", type=int, default=None, help="Instead: resume this cancelled run.")
 @pass_settings
-def resume(settings: Settings, queues: tuple[str, ...]) -> None:
-    """Let the workers started for a queue take its messages again."""
+def resume(settings: Settings, queues: tuple[str, ...], run_id: int | None) -> None:
+    """Let the workers started for a queue take its messages again; with --run, resume a
+    cancelled run (it then finishes and finalizes like any other)."""
+    if run_id is not None:
+        from db.migrate import ensure_schema
+        from workers.control import resume_run
+
+        ensure_schema(settings)
+        with _control_errors():
+            result = resume_run(run_id, settings)
+        click.echo(
+            f"run {run_id} resumed: {result.images} image(s) re-enqueued "
+            f"({result.analysis} straight to analysis, their bytes already stored)"
+        )
+        return
     from workers.control import resume_queue
 
     _queue_command(settings, resume_queue, queues, "queues to resume")

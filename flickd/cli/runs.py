@@ -38,7 +38,7 @@ def status(settings: Settings, run: int | None, as_json: bool, watch: bool) -> N
         with suppress(KeyboardInterrupt):
             follow_runs(settings, run_ids)
     with session_scope(settings) as session:
-        progress = run_progress(session, resolve_run(session, run))
+        progress = run_progress(session, resolve_run(session, run), settings.lease_seconds)
     if progress is None:
         raise click.ClickException(f"no run {run}")
     if as_json:
@@ -53,6 +53,15 @@ def status(settings: Settings, run: int | None, as_json: bool, watch: bool) -> N
         click.echo(f"  {state:<12} {count:>10,}")
     for reason, count in sorted(progress.failures_by_reason.items()):
         click.echo(f"    failed: {reason:<20} {count:>8,}")
+    for state, count in sorted(progress.stuck_by_state.items()):
+        click.echo(
+            f"  stuck {state:<12} {count:>10,}  (no progress for {settings.lease_seconds}s: "
+            "the reconciler re-drives them; `flickd retry --stuck` does it now)"
+        )
+    if progress.finalize_status:
+        click.echo(f"  final task: {progress.finalize_status}")
+    if progress.error:
+        click.echo(f"  note: {progress.error}")
     if progress.images_per_second:
         click.echo(f"  rate {progress.images_per_second:,.1f} images/s")
 
@@ -86,12 +95,30 @@ def failures(
 @click.argument("run", type=int, required=False)
 @click.option("--reason", help="Only images that failed with this reason.")
 @click.option("--all-runs", is_flag=True, help="Failed images of every run.")
+@click.option(
+    "--stuck",
+    is_flag=True,
+    help="Instead: re-enqueue pending images with no progress for longer than the lease "
+    "(every run), as the reconciler would, without waiting for older messages ahead of them.",
+)
 @needs_schema
-def retry(settings: Settings, run: int | None, reason: str | None, all_runs: bool) -> None:
-    """Re-enqueue failed images of RUN (default: the latest run)."""
+def retry(
+    settings: Settings, run: int | None, reason: str | None, all_runs: bool, stuck: bool
+) -> None:
+    """Re-enqueue failed images of RUN (default: the latest run), or stuck ones."""
     from db.runs import reset_failed
     from db.session import session_scope
     from flickd.core.broker import DOWNLOAD_TASK, enqueue
+
+    if stuck:
+        from workers.reconcile import reconcile_once
+
+        report = reconcile_once(settings, ignore_queues=True)
+        click.echo(
+            f"re-enqueued {report.requeued['download']} stuck download and "
+            f"{report.requeued['analyze']} stuck analysis image(s)"
+        )
+        return
 
     with session_scope(settings) as session:
         run_id = None if all_runs else resolve_run(session, run)

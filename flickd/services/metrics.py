@@ -18,21 +18,34 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.schema import Image, ImageState, IndexBuild, IngestRun, ModelVersion, RunStatus
+from db.counters import RECONCILER_ACTIONS, read_counts
+from db.images import stalled_counts
+from db.schema import (
+    PENDING_STATES,
+    Image,
+    ImageState,
+    IndexBuild,
+    IngestRun,
+    ModelVersion,
+    RunStatus,
+    utcnow,
+)
 from db.session import session_scope
 from flickd.core.broker import queue_lengths
 from flickd.core.reasons import FailureReason
 from flickd.core.settings import Settings
 
 log = logging.getLogger(__name__)
+
 
 
 # --- gauges read at scrape time ----------------------------------------------------------------
@@ -110,6 +123,7 @@ class FlickdCollector(Collector):
                 ),
                 _active_model(session),
                 _active_index(session),
+                *_reliability(session, self.settings),
             ]
 
 
@@ -125,6 +139,42 @@ def _by_label(
     for value, count in counts.items():
         family.add_metric([value], count)
     return family
+
+
+def _reliability(session: Session, settings: Settings) -> list[Metric]:
+    """How old the oldest pending image of each state is (a stuck pipeline shows as a line
+    that keeps climbing), how many are stuck past the lease, and what the reconciler did."""
+    before = utcnow() - timedelta(seconds=settings.lease_seconds)
+    counts = stalled_counts(session.connection(), before)
+    now = utcnow()
+    oldest = GaugeMetricFamily(
+        "flickd_oldest_pending_seconds",
+        "Seconds since the last progress of the longest-waiting image, per pending state",
+        labels=["state"],
+    )
+    stuck = GaugeMetricFamily(
+        "flickd_stuck_images",
+        "Pending images with no progress for longer than FLICKD_LEASE_SECONDS, per state",
+        labels=["state"],
+    )
+    for state in PENDING_STATES:
+        n_stuck, last = counts.get(state, (0, None))
+        age = (now - _aware(last)).total_seconds() if last is not None else 0.0
+        oldest.add_metric([state], max(0.0, age))
+        stuck.add_metric([state], n_stuck)
+    done = CounterMetricFamily(
+        "flickd_reconciler",
+        "What the reconciler did, summed over every pass (requeued_download, exhausted, ...)",
+        labels=["action"],
+    )
+    totals = read_counts(session.connection())
+    for action in RECONCILER_ACTIONS:
+        done.add_metric([action], totals.get(action, 0))
+    return [oldest, stuck, done]
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _active_model(session: Session) -> GaugeMetricFamily:
