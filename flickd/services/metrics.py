@@ -47,7 +47,6 @@ from flickd.core.settings import Settings
 log = logging.getLogger(__name__)
 
 
-
 # --- gauges read at scrape time ----------------------------------------------------------------
 class FlickdCollector(Collector):
     """Reads the pipeline's state from the database and the broker on every scrape.
