@@ -111,16 +111,28 @@ def start_reembed(version_id: int, settings: Settings) -> int:
     The crops to wait for are fixed now (ids up to the current maximum): crops that analysis
     adds meanwhile are embedded with the active model and caught up by the next finalize."""
     with session_scope(settings) as session:
-        up_to = session.scalar(select(func.max(Crop.id))) or 0
-        session.add(
-            IndexBuild(
-                model_version_id=version_id,
-                status=IndexBuildStatus.PENDING.value,
-                n_vectors=0,
-                params={"up_to_crop_id": up_to},
-                updated_at=utcnow(),
+        waiting = session.scalars(
+            select(IndexBuild).where(
+                IndexBuild.model_version_id == version_id,
+                IndexBuild.status.in_([IndexBuildStatus.PENDING, IndexBuildStatus.BUILDING]),
             )
-        )
+        ).first()
+        if waiting is not None:
+            # A final task that died after queueing the re-embedding, run again: the crops to
+            # wait for were fixed then; send what is still missing, add no second build.
+            up_to = (waiting.params or {}).get("up_to_crop_id")
+            waiting.updated_at = utcnow()
+        else:
+            up_to = session.scalar(select(func.max(Crop.id))) or 0
+            session.add(
+                IndexBuild(
+                    model_version_id=version_id,
+                    status=IndexBuildStatus.PENDING.value,
+                    n_vectors=0,
+                    params={"up_to_crop_id": up_to},
+                    updated_at=utcnow(),
+                )
+            )
     ids = missing_crop_ids(settings, version_id, up_to)
     if not ids:
         complete_reembed(version_id, settings)

@@ -147,17 +147,19 @@ def _broker_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-# What publishing raises when the broker cannot be reached (after PUBLISH_RETRY_POLICY).
+# What publishing raises when the broker cannot be reached (after the publish retries).
 BROKER_ERRORS = _broker_errors()
 
-# Publishing retries while the broker is briefly away (a restart, a fail-over): kombu reconnects
-# between tries. Past these ~30 s the caller decides; the database still says the work is due.
-PUBLISH_RETRY_POLICY = {
-    "max_retries": 8,
-    "interval_start": 0.5,
-    "interval_step": 1.0,
-    "interval_max": 5.0,
-}
+def publish_retry_policy(settings: Settings) -> dict[str, float]:
+    """Publishing retries while the broker is briefly away (a restart, a fail-over): kombu
+    reconnects between tries. Past them the caller decides; the database still says the work
+    is due, so nothing is lost either way."""
+    return {
+        "max_retries": settings.publish_retries,
+        "interval_start": 0.5,
+        "interval_step": 1.0,
+        "interval_max": 5.0,
+    }
 
 
 def batched(ids: Sequence[int], size: int) -> Iterable[list[int]]:
@@ -175,8 +177,8 @@ def enqueue(
     """Send ``ids`` to ``task_name`` in batches over one broker connection; return #messages.
 
     Call only after the transaction that wrote the rows has committed: a fast worker must
-    never look for rows that are not visible yet. Raises the broker's error if it stays
-    unreachable through PUBLISH_RETRY_POLICY."""
+    never look for rows that are not visible yet. Raises one of BROKER_ERRORS if the broker
+    stays unreachable through the publish retries."""
     if not ids:
         return 0
     return send(task_name, [[batch, *extra_args] for batch in batched(ids, batch_size)], settings)
@@ -195,6 +197,7 @@ def send(task_name: str, messages: Sequence[Sequence[object]], settings: Setting
             task.apply_async(args=list(args))
         return len(messages)
     headers = {ENQUEUED_AT_HEADER: time.time()}
+    policy = publish_retry_policy(settings)
     with app.producer_or_acquire() as producer:
         for args in messages:
             app.send_task(
@@ -203,7 +206,7 @@ def send(task_name: str, messages: Sequence[Sequence[object]], settings: Setting
                 producer=producer,
                 headers=headers,
                 retry=True,
-                retry_policy=PUBLISH_RETRY_POLICY,
+                retry_policy=policy,
             )
     return len(messages)
 

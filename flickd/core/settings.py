@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     max_stage_attempts: int = 5
     # Rows one reconciler pass looks at per kind of work (each pass is bounded).
     reconcile_batch_limit: int = 50_000
+    # Tries to send a message while the broker is away (about 30 s with 8), before the sender
+    # gives up and leaves the work, safe in the database, to the reconciler.
+    publish_retries: int = 8
 
     # --- producer ------------------------------------------------------------------------------
     feed_chunk_rows: int = 50_000
