@@ -1,5 +1,6 @@
 """Shared fixtures: a fresh Postgres database and Redis db per test session, real Celery worker
-processes, settings for embedded (SQLite) and distributed (Postgres + Redis) modes."""
+processes, settings for embedded (SQLite) and distributed (Postgres + Redis) modes, and a
+module's small synthetic catalog with its loopback image server."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,13 @@ from db.migrate import upgrade
 from db.runs import wait_for_run
 from db.session import dispose_engines
 from flickd.core.settings import Settings, reset_settings
+from synthetic.catalog import Catalog, generate_catalog
 from synthetic.procs import ROOT, celery_worker, settings_env, stop_process_group
+from synthetic.server import CatalogServer
 
 __all__ = [
     "ROOT",
+    "catalog_fixture",
     "celery_worker",
     "run_flickd",
     "settings_env",
@@ -134,6 +138,32 @@ def embedded_settings(tmp_path: Path) -> Iterator[Settings]:
     )
     upgrade(settings)
     yield settings
+
+
+def catalog_fixture(
+    n_products: int, *, seed: int, dirname: str = "catalog"
+) -> Callable[..., Catalog]:
+    """A module-scoped fixture: a small synthetic catalog of ``n_products`` from ``seed``,
+    generated once per module under a temporary folder named ``dirname``. Each module states
+    its own, under the fixture name it assigns it to::
+
+        catalog = catalog_fixture(6, seed=11)
+
+    The :func:`server` fixture serves whichever ``catalog`` the module has."""
+
+    @pytest.fixture(scope="module")
+    def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
+        root = tmp_path_factory.mktemp(dirname)
+        return generate_catalog(root, n_products, seed=seed, size="small")
+
+    return catalog
+
+
+@pytest.fixture(scope="module")
+def server(catalog: Catalog) -> Iterator[CatalogServer]:
+    """The module's ``catalog`` images on a loopback server, at ``{base_url}/images/...``."""
+    with CatalogServer(catalog.root / "images") as srv:
+        yield srv
 
 
 # Short timeouts and backoff so failure paths finish in a test's time.

@@ -25,9 +25,10 @@ from click.testing import CliRunner
 
 from flickd.cli import main
 from flickd.core.settings import Settings
-from synthetic.catalog import generate_catalog, write_feed
+from synthetic.catalog import write_feed
 from synthetic.procs import ROOT, settings_env, stop_process_group, wait_for_log
 from synthetic.server import CatalogServer
+from tests.conftest import catalog_fixture
 from tests.models_fixtures import tiny_models
 from tests.test_flower import flower_get
 from tests.test_metrics import by_label, free_port, scrape
@@ -201,9 +202,7 @@ def test_dockerfile_is_multi_stage_non_root_with_flickd_entrypoint():
 
 
 # --- smoke test: the compose commands as local processes ------------------------------------------
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory):
-    return generate_catalog(tmp_path_factory.mktemp("catalog"), 6, seed=21, size="small")
+catalog = catalog_fixture(6, seed=21)
 
 
 def _local(service: str, port: int | None = None, name: str | None = None) -> list[str]:

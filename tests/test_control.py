@@ -23,10 +23,9 @@ from flickd.cli import main
 from flickd.core.broker import ANALYZE_TASK, enqueue, queue_lengths
 from flickd.core.settings import Settings, reset_settings
 from producer.ingest import ingest
-from synthetic.catalog import generate_catalog
 from synthetic.procs import wait_for_log
 from synthetic.server import CatalogServer
-from tests.conftest import ROOT, celery_worker, settings_env
+from tests.conftest import ROOT, catalog_fixture, celery_worker, settings_env
 from workers.control import (
     PAUSE_POLL_SECONDS,
     PAUSED_KEY,
@@ -40,9 +39,7 @@ from workers.control import (
 pytestmark = pytest.mark.services
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory):
-    return generate_catalog(tmp_path_factory.mktemp("catalog"), 4, seed=7, size="small")
+catalog = catalog_fixture(4, seed=7)
 
 
 def _feed(path: Path, base_url: str, catalog, n: int) -> Path:

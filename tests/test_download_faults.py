@@ -11,16 +11,14 @@ import subprocess
 import sys
 import time
 
-import pytest
 from sqlalchemy import func, select
 
 from db.schema import Image, IngestRun
 from db.session import session_scope
 from flickd.core.settings import Settings
 from producer.ingest import ingest
-from synthetic.catalog import generate_catalog
 from synthetic.server import CatalogServer
-from tests.conftest import celery_worker, wait_for_run
+from tests.conftest import catalog_fixture, celery_worker, wait_for_run
 
 
 def _closed_port() -> int:
@@ -54,15 +52,7 @@ CASES: dict[str, tuple[str, str | None, str | None]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory):
-    return generate_catalog(tmp_path_factory.mktemp("catalog"), 6, seed=11, size="small")
-
-
-@pytest.fixture(scope="module")
-def server(catalog):
-    with CatalogServer(catalog.root / "images") as srv:
-        yield srv
+catalog = catalog_fixture(6, seed=11)
 
 
 def _fault_feed(path, server, catalog, key: str) -> dict[str, tuple[str, str | None, str | None]]:

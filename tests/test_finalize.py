@@ -15,21 +15,12 @@ from db.session import session_scope
 from producer.ingest import ingest
 from synthetic.catalog import generate_catalog, write_feed
 from synthetic.server import CatalogServer
-from tests.conftest import celery_worker, wait_for_run
+from tests.conftest import catalog_fixture, celery_worker, wait_for_run
 from tests.models_fixtures import tiny_models
 from workers.finalize import finalize_run
 
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory):
-    # The catalog the fine-tuning tests showed to be learnable by the tiny CLIP.
-    return generate_catalog(tmp_path_factory.mktemp("catalog"), 100, seed=11, size="small")
-
-
-@pytest.fixture(scope="module")
-def server(catalog):
-    with CatalogServer(catalog.root / "images") as srv:
-        yield srv
+# The catalog the fine-tuning tests showed to be learnable by the tiny CLIP.
+catalog = catalog_fixture(100, seed=11)
 
 
 def _vision(settings, tiny_models, **extra):

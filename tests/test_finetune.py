@@ -35,8 +35,8 @@ from models.finetune import (
     trainable_groups,
 )
 from producer.ingest import ingest
-from synthetic.catalog import generate_catalog, write_feed
-from synthetic.server import CatalogServer
+from synthetic.catalog import write_feed
+from tests.conftest import catalog_fixture
 from tests.models_fixtures import tiny_models, torch_single_thread
 
 # --- split ----------------------------------------------------------------------------------------
@@ -191,15 +191,7 @@ def test_freeze_options_pick_the_trained_parameters(tiny_models):
 # --- the real thing ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory):
-    return generate_catalog(tmp_path_factory.mktemp("ft-catalog"), 100, seed=11, size="small")
-
-
-@pytest.fixture(scope="module")
-def server(catalog):
-    with CatalogServer(catalog.root / "images") as srv:
-        yield srv
+catalog = catalog_fixture(100, seed=11, dirname="ft-catalog")
 
 
 def _analysed(settings, tiny_models, catalog, server, tmp_path: Path):

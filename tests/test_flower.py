@@ -21,10 +21,10 @@ from click.testing import CliRunner
 from flickd.cli import main
 from flickd.core.settings import Settings, reset_settings
 from producer.ingest import ingest
-from synthetic.catalog import generate_catalog, write_feed
+from synthetic.catalog import write_feed
 from synthetic.procs import settings_env, spawn
 from synthetic.server import CatalogServer
-from tests.conftest import celery_worker, wait_for_run
+from tests.conftest import catalog_fixture, celery_worker, wait_for_run
 from tests.test_metrics import free_port
 
 pytestmark = pytest.mark.services
@@ -32,9 +32,7 @@ pytestmark = pytest.mark.services
 AUTH = "ops:s3cret-pass"
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory):
-    return generate_catalog(tmp_path_factory.mktemp("catalog"), 6, seed=4, size="small")
+catalog = catalog_fixture(6, seed=4)
 
 
 def flower_get(port: int, path: str, auth: str | None = AUTH) -> tuple[int, Any]:

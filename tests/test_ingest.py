@@ -14,20 +14,10 @@ from db.session import session_scope
 from flickd.core.blobstore import BlobStore
 from flickd.core.settings import Settings
 from producer.ingest import ingest
-from synthetic.catalog import generate_catalog, write_feed
-from synthetic.server import CatalogServer
-from tests.conftest import celery_worker, run_flickd, settings_env, wait_for_run
+from synthetic.catalog import write_feed
+from tests.conftest import catalog_fixture, celery_worker, run_flickd, settings_env, wait_for_run
 
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory):
-    return generate_catalog(tmp_path_factory.mktemp("catalog"), 12, seed=3, size="small")
-
-
-@pytest.fixture(scope="module")
-def server(catalog):
-    with CatalogServer(catalog.root / "images") as srv:
-        yield srv
+catalog = catalog_fixture(12, seed=3)
 
 
 def _counts(settings: Settings) -> dict[str, int]:

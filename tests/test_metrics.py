@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from db.schema import IndexBuild, ModelVersion
@@ -22,23 +21,14 @@ from db.session import session_scope
 from flickd.core.settings import Settings
 from flickd.services.metrics import metrics_asgi_app, render_metrics
 from producer.ingest import ingest
-from synthetic.catalog import generate_catalog, write_feed
+from synthetic.catalog import write_feed
 from synthetic.procs import ROOT, settings_env, spawn, stop_process_group, wait_for_log
-from synthetic.server import CatalogServer
-from tests.conftest import wait_for_run
+from tests.conftest import catalog_fixture, wait_for_run
 
 Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory):
-    return generate_catalog(tmp_path_factory.mktemp("catalog"), 5, seed=9, size="small")
-
-
-@pytest.fixture(scope="module")
-def server(catalog):
-    with CatalogServer(catalog.root / "images") as srv:
-        yield srv
+catalog = catalog_fixture(5, seed=9)
 
 
 def free_port() -> int:

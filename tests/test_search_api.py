@@ -29,9 +29,9 @@ from models.embedder import Embedder
 from models.index import build_from_database
 from producer.ingest import ingest
 from synthetic import faults
-from synthetic.catalog import Catalog, generate_catalog, write_feed
+from synthetic.catalog import Catalog, write_feed
 from synthetic.server import CatalogServer
-from tests.conftest import FAST_DOWNLOADS
+from tests.conftest import FAST_DOWNLOADS, catalog_fixture
 from tests.models_fixtures import tiny_models
 
 
@@ -84,15 +84,7 @@ def stored_vectors(settings: Settings) -> dict[int, tuple[str, np.ndarray]]:
 
 
 # --- fixtures ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
-    return generate_catalog(tmp_path_factory.mktemp("catalog"), 10, seed=11, size="small")
-
-
-@pytest.fixture(scope="module")
-def server(catalog: Catalog) -> Iterator[CatalogServer]:
-    with CatalogServer(catalog.root / "images") as srv:
-        yield srv
+catalog = catalog_fixture(10, seed=11)
 
 
 @pytest.fixture(scope="module")

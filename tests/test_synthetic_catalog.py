@@ -34,6 +34,7 @@ from synthetic.catalog import (
     write_big_feed,
     write_feed,
 )
+from tests.conftest import catalog_fixture
 
 # NaN or overflow in the shading maths shows up as RuntimeWarnings before it shows up as pixels
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
@@ -153,9 +154,7 @@ def test_render_is_deterministic_and_follows_size_and_view() -> None:
 # --- catalogs -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
-    return generate_catalog(tmp_path_factory.mktemp("cat"), 40, seed=3, size="small")
+small_catalog = catalog_fixture(40, seed=3, dirname="cat")
 
 
 def test_manifest_matches_files(small_catalog: Catalog) -> None:

@@ -14,22 +14,12 @@ from db.session import session_scope
 from models.colour import srgb_to_lab
 from models.labels import label_by_name
 from producer.ingest import ingest
-from synthetic.catalog import generate_catalog, write_feed
-from synthetic.server import CatalogServer
-from tests.conftest import celery_worker, wait_for_run
+from synthetic.catalog import write_feed
+from tests.conftest import catalog_fixture, celery_worker, wait_for_run
 from tests.models_fixtures import tiny_models
 from workers.vision import analyze_batch, halving_on_oom
 
-
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory):
-    return generate_catalog(tmp_path_factory.mktemp("catalog"), 10, seed=5, size="small")
-
-
-@pytest.fixture(scope="module")
-def server(catalog):
-    with CatalogServer(catalog.root / "images") as srv:
-        yield srv
+catalog = catalog_fixture(10, seed=5)
 
 
 def _vision(settings, tiny_models, detector: bool = True):

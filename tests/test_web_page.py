@@ -22,9 +22,9 @@ import pytest
 
 from flickd.core.settings import Settings
 from flickd.services.search import SearchService
-from synthetic.catalog import Catalog, generate_catalog
 from synthetic.procs import ROOT, settings_env, stop_process_group
 from synthetic.server import CatalogServer
+from tests.conftest import catalog_fixture
 from tests.models_fixtures import tiny_models
 from tests.test_search_api import build_index, ingest_products, vision_settings
 
@@ -37,9 +37,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
-    return generate_catalog(tmp_path_factory.mktemp("web-catalog"), 8, seed=3, size="small")
+catalog = catalog_fixture(8, seed=3, dirname="web-catalog")
 
 
 @pytest.fixture(scope="module")
