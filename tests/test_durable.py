@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -30,11 +31,11 @@ from db.session import session_scope
 from flickd.core.broker import ANALYZE_TASK, DOWNLOAD_TASK, enqueue
 from flickd.core.settings import Settings
 from producer.ingest import ingest
-from synthetic.catalog import generate_catalog
 from synthetic.procs import ROOT, RedisServer, settings_env, spawn
 from synthetic.server import CatalogServer
-from tests.conftest import PG_ADMIN_URL, celery_worker
+from tests.conftest import PG_ADMIN_URL, catalog_fixture, celery_worker, run_flickd
 from tests.models_fixtures import tiny_models
+from workers.control import cancel_run
 
 LEASE = 2
 # Short leases and passes so that a test settles in seconds. Redis's own re-delivery (the
@@ -60,9 +61,7 @@ BAD = {
 }
 
 
-@pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory):
-    return generate_catalog(tmp_path_factory.mktemp("catalog"), 16, seed=5, size="small")
+catalog = catalog_fixture(16, seed=5)
 
 
 @pytest.fixture()
@@ -188,13 +187,24 @@ def _settle(settings: Settings, run_id: int, since: float) -> float:
     def settled() -> bool:
         with session_scope(settings) as session:
             run = session.get(IngestRun, run_id)
-            return run.status == "done" and run.finalize_status not in (None, "queued", "running")
+            building = session.scalar(
+                select(func.count())
+                .select_from(IndexBuild)
+                .where(IndexBuild.status.in_(["pending", "building"]))
+            )
+            return (
+                run.status == "done"
+                and run.finalize_status not in (None, "queued", "running")
+                and not building
+            )
 
     _wait(settled, SETTLE_BOUND, f"run {run_id} to settle")
     return time.monotonic() - since
 
 
-def _check(settings: Settings, run_id: int, expected, pipeline: Stack) -> None:
+def _check(
+    settings: Settings, run_id: int, expected, pipeline: Stack, final: str = "indexed"
+) -> None:
     with session_scope(settings) as session:
         images = {img.url: img for img in session.scalars(select(Image))}
         run = session.get(IngestRun, run_id)
@@ -205,9 +215,13 @@ def _check(settings: Settings, run_id: int, expected, pipeline: Stack) -> None:
     analyzed = {img.id for img in images.values() if img.state == "analyzed"}
     # Detection is off: exactly one whole-image crop per analysed image, one embedding each.
     assert sorted(image_id for image_id, _ in crops) == sorted(analyzed)
-    assert len(embeddings) == len(set(embeddings)) == len(crops)
+    # Each model version that embedded anything embedded every crop once (after a promoted
+    # fine-tuning, the catalog is re-embedded under the new version).
+    assert len(embeddings) == len(set(embeddings))
+    per_version = Counter(version for _, version in embeddings)
+    assert per_version and set(per_version.values()) == {len(crops)}, per_version
     assert run.status == "done"
-    assert run.finalize_status == "indexed"
+    assert run.finalize_status == final
     assert len(builds) == 1 and builds[0].active and builds[0].n_vectors == len(crops)
     assert pipeline.log_text().count(f"finalize run_id={run_id} action=") == 1
     assert pipeline.alive()
@@ -218,12 +232,20 @@ def _check(settings: Settings, run_id: int, expected, pipeline: Stack) -> None:
 def test_workers_killed_mid_download_mid_analysis_and_during_the_final_task(
     pg_settings, broker, tiny_models, catalog, tmp_path
 ):
-    settings = _settings(pg_settings, broker, tiny_models)
+    # A final task that fine-tunes: seconds of training, so the kill lands inside it.
+    settings = _settings(
+        pg_settings,
+        broker,
+        tiny_models,
+        finalize="auto",
+        finetune_min_new_crops=1,
+        train_epochs=20,
+        train_batch_size=8,
+        train_lr=1e-3,
+    )
     with CatalogServer(catalog.root / "images", latency=0.3) as server:
         expected = _feed(tmp_path / "feed.csv", server, catalog)
         with _running(settings, tmp_path, "scheduler", "download", "gpu") as pipeline:
-            # The final task must still be running when it is killed: hold it in an index build
-            # long enough by pausing... no: kill it the moment it claims the run (below).
             run_id = ingest(tmp_path / "feed.csv", settings).run_id
             _wait(lambda: _claimed(settings, "queued"), 30, "a download batch in flight")
             pipeline.kill("download")
@@ -237,9 +259,10 @@ def test_workers_killed_mid_download_mid_analysis_and_during_the_final_task(
             )
             pipeline.kill("gpu")
             last_fault = time.monotonic()
+            assert _scalar(settings, select(IngestRun.finalize_status)) == "running"  # mid-task
             seconds = _settle(settings, run_id, last_fault)
-            _check(settings, run_id, expected, pipeline)
-    assert _scalar(settings, select(IngestRun.finalize_attempts)) >= 2  # killed, then done
+            _check(settings, run_id, expected, pipeline, final="finetuned")
+    assert _scalar(settings, select(IngestRun.finalize_attempts)) == 2  # killed, then done
     assert seconds < SETTLE_BOUND
 
 
@@ -374,7 +397,8 @@ def test_a_stage_broken_for_good_runs_out_of_attempts_and_the_run_finishes(
             run_id = ingest(tmp_path / "feed.csv", settings).run_id
 
             def finished() -> bool:
-                return _scalar(settings, select(IngestRun.status)) == "done"
+                status = select(IngestRun.status).where(IngestRun.id == run_id)
+                return _scalar(settings, status) == "done"
 
             _wait(finished, SETTLE_BOUND, "the run to finish")
             assert pipeline.alive()
@@ -388,3 +412,27 @@ def test_a_stage_broken_for_good_runs_out_of_attempts_and_the_run_finishes(
             assert "no-such-model" in image.failure_detail
         else:  # the download faults keep their own reasons
             assert (image.state, image.failure_reason) == (state, reason)
+
+
+@pytest.mark.services
+def test_a_cancelled_run_resumed_finishes_and_finalizes(
+    pg_settings, broker, tiny_models, catalog, tmp_path
+):
+    settings = _settings(pg_settings, broker, tiny_models)
+    with CatalogServer(catalog.root / "images", latency=0.2) as server:
+        expected = _feed(tmp_path / "feed.csv", server, catalog)
+        with _running(settings, tmp_path, "download") as pipeline:
+            run_id = ingest(tmp_path / "feed.csv", settings).run_id
+            downloaded = select(func.count()).select_from(Image).where(Image.state == "downloaded")
+            _wait(lambda: bool(_scalar(settings, downloaded)), 30, "some images downloaded")
+            cancelled = cancel_run(run_id, settings)
+            assert cancelled.cancelled_images > 0
+            out = run_flickd("resume", "--run", str(run_id), env=settings_env(settings))
+            assert f"run {run_id} resumed" in out.stdout
+            assert "straight to analysis" in out.stdout and "(0 straight" not in out.stdout
+            pipeline.start("gpu")
+            pipeline.start("scheduler")
+            _settle(settings, run_id, time.monotonic())
+            _check(settings, run_id, expected, pipeline)
+    again = run_flickd("resume", "--run", str(run_id), env=settings_env(settings), expect_ok=False)
+    assert again.returncode != 0 and "is done, not cancelled" in again.stderr
