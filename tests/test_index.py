@@ -192,6 +192,12 @@ def test_swap_under_load_never_fails_and_switches(tmp_path: Path) -> None:
     thread = threading.Thread(target=reader)
     thread.start()
     try:
+        # The reader must be serving the first index before the noise below: a holder that
+        # starts while the pointer names a missing file rightly has nothing to serve. (Under
+        # load the thread can start late; waiting here keeps the test about the swap.)
+        deadline = time.monotonic() + 10
+        while not seen and not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
         # Noise the holder must not serve: a pointer to a missing file, a stray partial file.
         (directory / "index-partial.faiss").write_bytes(b"\0" * 100)
         (directory / CURRENT).write_text(json.dumps({"index": "index-missing.faiss"}))
