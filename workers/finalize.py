@@ -192,7 +192,7 @@ def complete_reembed(version_id: int, settings: Settings) -> bool:
 
 
 def build_index(version_id: int, settings: Settings) -> Path:
-    from models.index import build_from_database
+    from workers.indexing import build_from_database
 
     return build_from_database(settings, version_id, settings.index_dir)
 
