@@ -60,7 +60,8 @@ def should_finetune(settings: Settings) -> bool:
 # --- the steps ---------------------------------------------------------------------------------
 def finetune_now(settings: Settings):  # type: ignore[no-untyped-def]
     """Fine-tune the active embedder on the catalog; record (not activate) the new version."""
-    from models.finetune import PromotionRule, TrainConfig, finetune
+    from models.finetune import PromotionRule, TrainConfig
+    from workers.training import finetune_catalog
 
     with session_scope(settings) as session:
         base = active_embedder(session)
@@ -76,7 +77,7 @@ def finetune_now(settings: Settings):  # type: ignore[no-untyped-def]
         seed=settings.train_seed,
     )
     out_dir = settings.models_dir / f"clip-{utcnow():%Y%m%d-%H%M%S}"
-    return finetune(
+    return finetune_catalog(
         settings,
         base_name,
         out_dir,
