@@ -9,6 +9,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from db.schema import ModelVersion, utcnow
+from db.session import session_scope
+from flickd.core.settings import Settings
 
 
 def dialect_insert(conn: Connection) -> Any:
@@ -53,3 +55,35 @@ def active_embedder(session: Session) -> ModelVersion | None:
     return session.scalars(
         select(ModelVersion).where(ModelVersion.kind == "embedder", ModelVersion.active.is_(True))
     ).first()
+
+
+def record_model_version(
+    settings: Settings,
+    *,
+    name: str,
+    version: str,
+    parent_name: str,
+    parent_version: str,
+    metrics: dict[str, Any],
+    promoted: bool,
+    activate: bool = True,
+) -> tuple[int, int]:
+    """All of fine-tuning's database writes, in one transaction: the parent's row (created if
+    this base model never embedded anything), the new row (updated when a deterministic re-run
+    produced the same weights), and on promotion the switch of the active embedder.
+    Returns ``(new_id, parent_id)``."""
+    with session_scope(settings) as session:
+        parent_id = embedder_version_id(session.connection(), parent_name, parent_version)
+        row = session.scalar(
+            select(ModelVersion).where(
+                ModelVersion.kind == "embedder", ModelVersion.version == version
+            )
+        )
+        if row is None:
+            row = ModelVersion(kind="embedder", version=version, active=False, created_at=utcnow())
+            session.add(row)
+        row.name, row.parent_id, row.metrics = name, parent_id, metrics
+        session.flush()
+        if promoted and activate:
+            activate_embedder(session, row.id)
+        return row.id, parent_id

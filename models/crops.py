@@ -10,17 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from models.boxes import Box, Detection, box_area, clamp_box
 from models.labels import FineLabel, label_for_feed_category
-
-if TYPE_CHECKING:
-    from models.detector import Detection
-
-Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 
 # A box smaller than this fraction of the image area is noise even when both sides pass
 # ``min_side`` (e.g. 17x17 px on a 2000x2000 photo). Watches and rings in full-body shots sit
@@ -44,23 +39,6 @@ class Crop:
     fine_label: str | None
     coarse_label: str | None
     whole_image: bool = False
-
-
-def clamp_box(box: Sequence[float], width: int, height: int) -> Box:
-    """``box`` limited to the image; coordinates reordered so that x0 <= x1 and y0 <= y1."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    x0, x1 = sorted((x0, x1))
-    y0, y1 = sorted((y0, y1))
-    return (
-        min(max(x0, 0.0), float(width)),
-        min(max(y0, 0.0), float(height)),
-        min(max(x1, 0.0), float(width)),
-        min(max(y1, 0.0), float(height)),
-    )
-
-
-def box_area(box: Box) -> float:
-    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
 
 def is_tiny(

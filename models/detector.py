@@ -2,37 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from PIL import Image
 
-from models.crops import Box, box_area, clamp_box
+from models.boxes import Detection, box_area, clamp_box
 from models.device import autocast_context, select_device
 from models.labels import FASHIONPEDIA_NAMES, LABELS, NUM_LABELS
 from models.loading import ModelLoadError, load_pretrained, model_version, pretrained_kwargs
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Detection:
-    """One detected item; ``box`` is x0, y0, x1, y1 in original-image pixels, clamped to it."""
-
-    box: Box
-    score: float
-    label_id: int
-    fine_label: str
-    coarse_label: str
-
-    def with_box(self, box: Box) -> Detection:
-        return dataclasses.replace(self, box=box)
 
 
 def _check_label_space(config: object) -> None:

@@ -27,9 +27,7 @@ from models.finetune import (
     TrainConfig,
     contrastive_loss,
     evaluate_retrieval,
-    finetune,
     image_to_image_recall,
-    load_pairs,
     split_by_product,
     text_to_image_recall,
     trainable_groups,
@@ -38,6 +36,7 @@ from producer.ingest import ingest
 from synthetic.catalog import write_feed
 from tests.conftest import catalog_fixture
 from tests.models_fixtures import tiny_models, torch_single_thread
+from workers.training import finetune_catalog, load_pairs
 
 # --- split ----------------------------------------------------------------------------------------
 
@@ -231,7 +230,7 @@ def test_finetune_improves_held_out_retrieval_and_is_promoted(
     assert all(len(tokenizer.tokenize(w)) == 1 for w in words), words
 
     out_dir = tmp_path / "clip-ft"
-    result = finetune(settings, str(tiny_models["clip"]), out_dir, TINY)
+    result = finetune_catalog(settings, str(tiny_models["clip"]), out_dir, TINY)
 
     before = result.before[TEXT_TO_IMAGE]["recall@5"]
     after = result.after[TEXT_TO_IMAGE]["recall@5"]
@@ -279,12 +278,12 @@ def test_finetune_that_cannot_improve_is_not_promoted(
     frozen = dataclasses.replace(TINY, lr=0.0, epochs=1)  # real steps that move nothing
 
     out_dir = tmp_path / "clip-ft"
-    result = finetune(settings, str(tiny_models["clip"]), out_dir, frozen)
+    result = finetune_catalog(settings, str(tiny_models["clip"]), out_dir, frozen)
     assert len(result.losses) > 0
     assert result.after == result.before
     assert not result.promoted
     # A deterministic re-run gives the same weights: its row is updated, not duplicated.
-    again = finetune(settings, str(tiny_models["clip"]), out_dir, frozen)
+    again = finetune_catalog(settings, str(tiny_models["clip"]), out_dir, frozen)
     assert again.version_id == result.version_id
 
     versions = _versions(settings)

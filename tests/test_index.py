@@ -15,15 +15,9 @@ from db.migrate import upgrade
 from db.schema import Crop, Embedding, Image, IndexBuild, ModelVersion, Product
 from db.session import session_scope
 from flickd.core.settings import Settings
-from models.index import (
-    CURRENT,
-    IndexHolder,
-    VectorIndex,
-    _prune,
-    build_from_database,
-    load_current,
-    write_versioned,
-)
+from models.index import CURRENT, IndexHolder, VectorIndex, load_current, write_versioned
+from models.index.files import _prune
+from workers.indexing import build_from_database
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.boxes import Detection, clamp_box
 from models.crops import (
-    clamp_box,
     crop_image,
     iou_matrix,
     is_tiny,
@@ -13,7 +13,6 @@ from models.crops import (
     plan_crops,
     whole_image_crop,
 )
-from models.detector import Detection
 from models.labels import label_by_name
 
 

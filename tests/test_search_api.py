@@ -26,13 +26,13 @@ from flickd.core.settings import Settings
 from flickd.services.api import create_app
 from flickd.services.search import MatchType, SearchService, match_type
 from models.embedder import Embedder
-from models.index import build_from_database
 from producer.ingest import ingest
 from synthetic import faults
 from synthetic.catalog import Catalog, write_feed
 from synthetic.server import CatalogServer
 from tests.conftest import FAST_DOWNLOADS, catalog_fixture
 from tests.models_fixtures import tiny_models
+from workers.indexing import build_from_database
 
 
 # --- building an analysed, indexed catalog (also used by test_web_page) ------------------------

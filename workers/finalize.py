@@ -73,7 +73,8 @@ def should_finetune(settings: Settings) -> bool:
 # --- the steps ---------------------------------------------------------------------------------
 def finetune_now(settings: Settings):  # type: ignore[no-untyped-def]
     """Fine-tune the active embedder on the catalog; record (not activate) the new version."""
-    from models.finetune import PromotionRule, TrainConfig, finetune
+    from models.finetune import PromotionRule, TrainConfig
+    from workers.training import finetune_catalog
 
     with session_scope(settings) as session:
         base = active_embedder(session)
@@ -89,7 +90,7 @@ def finetune_now(settings: Settings):  # type: ignore[no-untyped-def]
         seed=settings.train_seed,
     )
     out_dir = settings.models_dir / f"clip-{utcnow():%Y%m%d-%H%M%S}"
-    return finetune(
+    return finetune_catalog(
         settings,
         base_name,
         out_dir,
@@ -218,7 +219,7 @@ def _touch_build(session: Session, version_id: int, status: IndexBuildStatus) ->
 
 
 def build_index(version_id: int, settings: Settings) -> Path:
-    from models.index import build_from_database
+    from workers.indexing import build_from_database
 
     return build_from_database(settings, version_id, settings.index_dir)
 

@@ -1,0 +1,86 @@
+"""Index builds in the database: the embeddings an index is built from, and the build rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select, update
+
+from db.schema import Embedding, IndexBuild
+from db.session import session_scope
+from flickd.core.settings import Settings
+
+
+@dataclass(frozen=True)
+class EmbeddingChunks:
+    """The embeddings of one model version, read in chunks of (crop ids, float32 vectors).
+
+    Each call of :meth:`chunks` is one pass over the same rows: those with an id up to ``top_id``,
+    the highest when the reader was made, so rows added meanwhile wait for the next build."""
+
+    settings: Settings
+    model_version_id: int
+    n: int
+    dim: int
+    top_id: int
+    chunk_rows: int = 5_000
+
+    def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        query = (
+            select(Embedding.crop_id, Embedding.vector)
+            .where(Embedding.model_version_id == self.model_version_id, Embedding.id <= self.top_id)
+            .order_by(Embedding.id)
+            .execution_options(yield_per=self.chunk_rows)
+        )
+        with session_scope(self.settings) as session:
+            for rows in session.execute(query).partitions():
+                ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+                blob = b"".join(r[1] for r in rows)
+                yield ids, np.frombuffer(blob, dtype="<f4").reshape(len(rows), self.dim)
+
+
+def embedding_chunks(
+    settings: Settings, model_version_id: int, *, chunk_rows: int = 5_000
+) -> EmbeddingChunks:
+    """A reader of every embedding of ``model_version_id``; ValueError when there is none, or
+    when they do not all have one dimension."""
+    of_version = Embedding.model_version_id == model_version_id
+    with session_scope(settings) as session:
+        n, top, dims = session.execute(
+            select(
+                func.count(), func.max(Embedding.id), func.count(func.distinct(Embedding.dim))
+            ).where(of_version)
+        ).one()
+        dim = session.scalar(select(Embedding.dim).where(of_version).limit(1))
+    if not n or dims != 1:
+        raise ValueError(f"model version {model_version_id}: {n} embeddings of {dims} dims")
+    return EmbeddingChunks(settings, model_version_id, n, dim, top, chunk_rows)
+
+
+def record_index_build(
+    settings: Settings,
+    model_version_id: int,
+    *,
+    path: str,
+    index_type: str,
+    n_vectors: int,
+    params: dict[str, Any],
+) -> None:
+    """Record a written index as the one active build. The finalize task claims a build row
+    (status "building") before an index is built: that row is filled in; without one, a new
+    row is added."""
+    with session_scope(settings) as session:
+        session.execute(update(IndexBuild).values(active=False))
+        claimed = session.scalars(
+            select(IndexBuild).where(
+                IndexBuild.model_version_id == model_version_id, IndexBuild.status == "building"
+            )
+        ).first()
+        build = claimed or IndexBuild(model_version_id=model_version_id)
+        build.path, build.index_type = path, index_type
+        build.n_vectors, build.params, build.active = n_vectors, params, True
+        build.status = "ready"
+        session.add(build)

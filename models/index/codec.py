@@ -1,0 +1,140 @@
+"""How the index stores and scores vectors: the exact backend and the IVF-SQ6 backend with its
+extra refinement bit (``IVFRefined``), and the bit arithmetic the build shares with them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import faiss
+import numpy as np
+
+from models.index.atomic import atomic_write
+
+RERANK_STEPS = (1, 2, 3, 4, 6, 8, 12, 16)  # shortlist = k x rerank
+SQ_LEVELS = 63  # FAISS's 6-bit codec: code = floor(63·t) for t in [0, 1], decoded at +0.5
+
+
+class Backend(Protocol):
+    @property
+    def ntotal(self) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def write(self, path: Path) -> None: ...
+    def memory_bytes(self) -> int: ...
+
+
+class Flat:
+    """Exact search; FAISS maps its positions back to crop ids."""
+
+    def __init__(self, index: faiss.Index) -> None:
+        self.index = index
+
+    @classmethod
+    def empty(cls, dim: int) -> Flat:
+        return cls(faiss.IndexIDMap(faiss.IndexFlatIP(dim)))
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        self.index.add_with_ids(vectors, ids)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(queries, k)
+
+    def write(self, path: Path) -> None:
+        atomic_write(path, lambda tmp: faiss.write_index(self.index, str(tmp)))
+
+    def memory_bytes(self) -> int:
+        return self.ntotal * (self.index.d * 4 + 8)
+
+
+class IVFRefined:
+    """IVF-SQ6 shortlist (FAISS) re-scored with one more bit per dimension.
+
+    FAISS's 6-bit codec cuts each dimension's range into 63 cells and decodes a value at its
+    cell's centre. The extra bit says which half of its cell the value lies in, which moves
+    the decoded value a quarter cell: q·x ≈ (FAISS's score) + Σ q_d·(vdiff_d/252)·(2·bit_d − 1).
+    FAISS ids are positions into ``bits`` and ``ids``; ``ids`` maps a position to a crop id."""
+
+    def __init__(
+        self,
+        ivf: faiss.IndexIVFScalarQuantizer,
+        bits: np.ndarray,
+        ids: np.ndarray,
+        nprobe: int = 1,
+        rerank: int = RERANK_STEPS[-1],
+    ) -> None:
+        self.ivf, self.bits, self.ids = ivf, bits, ids
+        self.nprobe, self.rerank = nprobe, rerank
+        _, vdiff = sq_range(ivf)
+        self._quarter = (vdiff / (4 * SQ_LEVELS)).astype(np.float32)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.ivf.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        shortlist = k * self.rerank
+        # Per-call parameters, not ``ivf.nprobe``: searches may run in several threads at once.
+        params = faiss.SearchParametersIVF(nprobe=min(self.nprobe, self.ivf.nlist))
+        coarse, pos = self.ivf.search(queries, shortlist, params=params)
+        scores = np.empty(pos.shape, np.float32)
+        block = max(1, 8192 // shortlist)  # bounds the unpacked (block, shortlist, d) bits
+        for s in range(0, len(queries), block):
+            e = s + block
+            scores[s:e] = self._refine(queries[s:e], coarse[s:e], pos[s:e])
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best = np.take_along_axis(pos, order, axis=1)
+        ids = np.where(best >= 0, self.ids[np.maximum(best, 0)], -1)
+        return np.take_along_axis(scores, order, axis=1), ids
+
+    def _refine(self, queries: np.ndarray, coarse: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        valid = pos >= 0
+        packed = self.bits[np.where(valid, pos, 0)]
+        bits = np.unpackbits(packed, axis=-1, count=self.ivf.d).astype(np.float32)
+        weights = queries * self._quarter
+        scores = coarse + 2 * np.einsum("qcd,qd->qc", bits, weights)
+        scores -= weights.sum(axis=1, keepdims=True)
+        scores[~valid] = -np.inf
+        return scores
+
+    def write(self, path: Path) -> None:
+        def arrays(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, bits=self.bits, ids=self.ids)
+
+        atomic_write(refine_path(path), arrays)
+        atomic_write(path, lambda tmp: faiss.write_index(self.ivf, str(tmp)))
+
+    @classmethod
+    def read(cls, path: Path, params: dict[str, Any]) -> IVFRefined:
+        ivf = faiss.read_index(str(path))  # already the IndexIVFScalarQuantizer proxy
+        with np.load(refine_path(path)) as data:
+            bits, ids = data["bits"], data["ids"]
+        return cls(ivf, bits, ids, int(params["nprobe"]), int(params["rerank"]))
+
+    def memory_bytes(self) -> int:
+        lists = self.ntotal * (self.ivf.code_size + 8)  # SQ6 codes + int64 ids
+        centroids = self.ivf.nlist * self.ivf.d * 4
+        return lists + centroids + self.bits.nbytes + self.ids.nbytes
+
+
+def sq_range(ivf: faiss.IndexIVFScalarQuantizer) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension (vmin, vdiff) of the trained 6-bit quantizer."""
+    trained = faiss.vector_to_array(ivf.sq.trained)
+    return trained[: ivf.d], trained[ivf.d : 2 * ivf.d]
+
+
+def extra_bits(residuals: np.ndarray, vmin: np.ndarray, vdiff: np.ndarray) -> np.ndarray:
+    """The refinement bit of each residual coordinate, packed 8 per byte. FAISS encodes
+    t = clip((r − vmin)/vdiff, 0, 1) as floor(63·t); the bit is the upper half of that cell."""
+    cells = np.clip((residuals - vmin) / vdiff, 0.0, 1.0)
+    cells *= np.float32(SQ_LEVELS)
+    return np.packbits(cells % 1.0 >= 0.5, axis=1)
+
+
+def refine_path(path: Path) -> Path:
+    return path.with_suffix(".refine.npz")

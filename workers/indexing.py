@@ -1,0 +1,32 @@
+"""Build the FAISS index of a model version from the database: read its embeddings (db/),
+build and switch to the index (models/index), record the build (db/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from db.indexes import embedding_chunks, record_index_build
+from flickd.core.settings import Settings
+from models.index import VectorIndex, write_versioned
+
+
+def build_from_database(
+    settings: Settings, model_version_id: int, directory: str | Path, *, chunk_rows: int = 5_000
+) -> Path:
+    """Index every embedding of ``model_version_id``, switch ``directory`` to it and record
+    the build as the active one. Rows added during the build wait for the next build: the
+    passes read embeddings up to the id that was highest when the build started."""
+    embeddings = embedding_chunks(settings, model_version_id, chunk_rows=chunk_rows)
+    index = VectorIndex.build(
+        embeddings.chunks, embeddings.dim, n_total=embeddings.n, model_version_id=model_version_id
+    )
+    path = write_versioned(index, directory)
+    record_index_build(
+        settings,
+        model_version_id,
+        path=str(path),
+        index_type=index.index_type,
+        n_vectors=index.ntotal,
+        params=index.params,
+    )
+    return path
