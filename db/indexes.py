@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import func, select, update
 
-from db.schema import Embedding, IndexBuild
+from db.schema import Embedding, IndexBuild, IndexBuildStatus
 from db.session import session_scope
 from flickd.core.settings import Settings
 
@@ -76,11 +76,12 @@ def record_index_build(
         session.execute(update(IndexBuild).values(active=False))
         claimed = session.scalars(
             select(IndexBuild).where(
-                IndexBuild.model_version_id == model_version_id, IndexBuild.status == "building"
+                IndexBuild.model_version_id == model_version_id,
+                IndexBuild.status == IndexBuildStatus.BUILDING,
             )
         ).first()
         build = claimed or IndexBuild(model_version_id=model_version_id)
         build.path, build.index_type = path, index_type
         build.n_vectors, build.params, build.active = n_vectors, params, True
-        build.status = "ready"
+        build.status = IndexBuildStatus.READY.value
         session.add(build)

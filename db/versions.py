@@ -8,7 +8,7 @@ from sqlalchemy import Connection, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from db.schema import ModelVersion, utcnow
+from db.schema import ModelKind, ModelVersion, utcnow
 from db.session import session_scope
 from flickd.core.settings import Settings
 
@@ -23,12 +23,14 @@ def embedder_version_id(conn: Connection, name: str, version: str) -> int:
     active, so a fresh catalog has something to search)."""
     table = ModelVersion.__table__
     has_active = conn.scalar(
-        select(table.c.id).where(table.c.kind == "embedder", table.c.active.is_(True)).limit(1)
+        select(table.c.id)
+        .where(table.c.kind == ModelKind.EMBEDDER, table.c.active.is_(True))
+        .limit(1)
     )
     conn.execute(
         dialect_insert(conn)(table)
         .values(
-            kind="embedder",
+            kind=ModelKind.EMBEDDER.value,
             name=name,
             version=version,
             active=has_active is None,
@@ -37,7 +39,7 @@ def embedder_version_id(conn: Connection, name: str, version: str) -> int:
         .on_conflict_do_nothing(index_elements=["kind", "version"])
     )
     return conn.scalar(
-        select(table.c.id).where(table.c.kind == "embedder", table.c.version == version)
+        select(table.c.id).where(table.c.kind == ModelKind.EMBEDDER, table.c.version == version)
     )
 
 
@@ -45,7 +47,7 @@ def activate_embedder(session: Session, version_id: int) -> None:
     """Make ``version_id`` the one active embedder."""
     session.execute(
         update(ModelVersion)
-        .where(ModelVersion.kind == "embedder")
+        .where(ModelVersion.kind == ModelKind.EMBEDDER)
         .values(active=ModelVersion.id == version_id)
         .execution_options(synchronize_session=False)
     )
@@ -53,7 +55,9 @@ def activate_embedder(session: Session, version_id: int) -> None:
 
 def active_embedder(session: Session) -> ModelVersion | None:
     return session.scalars(
-        select(ModelVersion).where(ModelVersion.kind == "embedder", ModelVersion.active.is_(True))
+        select(ModelVersion).where(
+            ModelVersion.kind == ModelKind.EMBEDDER, ModelVersion.active.is_(True)
+        )
     ).first()
 
 
@@ -76,11 +80,13 @@ def record_model_version(
         parent_id = embedder_version_id(session.connection(), parent_name, parent_version)
         row = session.scalar(
             select(ModelVersion).where(
-                ModelVersion.kind == "embedder", ModelVersion.version == version
+                ModelVersion.kind == ModelKind.EMBEDDER, ModelVersion.version == version
             )
         )
         if row is None:
-            row = ModelVersion(kind="embedder", version=version, active=False, created_at=utcnow())
+            row = ModelVersion(
+                kind=ModelKind.EMBEDDER.value, version=version, active=False, created_at=utcnow()
+            )
             session.add(row)
         row.name, row.parent_id, row.metrics = name, parent_id, metrics
         session.flush()

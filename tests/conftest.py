@@ -85,19 +85,23 @@ def pg_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# Every key a test session writes starts with this prefix (each test adds its own part), so
+# concurrent sessions on one Redis never touch each other's messages.
+SESSION_PREFIX = f"t{uuid.uuid4().hex[:8]}"
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A Redis database number of its own, flushed before and after."""
+    """A Redis database of the shared server; the session's keys are removed at the end."""
     if not _redis_available():
         pytest.fail("Redis is not reachable at 127.0.0.1:6379 (start it: see .ci/run)")
     import redis
 
-    db_number = 1 + (os.getpid() % 14)
-    url = f"{REDIS_BASE}/{db_number}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
+    url = f"{REDIS_BASE}/{1 + (os.getpid() % 14)}"
     yield url
-    client.flushdb()
+    client = redis.Redis.from_url(url)
+    for key in client.scan_iter(match=f"{SESSION_PREFIX}*", count=1000):
+        client.delete(key)
 
 
 def _truncate_all(url: str) -> None:
@@ -115,14 +119,12 @@ def _truncate_all(url: str) -> None:
 @pytest.fixture()
 def pg_settings(pg_url: str, redis_url: str, tmp_path: Path) -> Iterator[Settings]:
     """Distributed-mode settings against the session's Postgres and Redis, clean tables."""
-    import redis
-
     _truncate_all(pg_url)
-    redis.Redis.from_url(redis_url).flushdb()
     settings = Settings(
         database_url=pg_url,
         broker_url=redis_url,
-        broker_prefix=f"t{uuid.uuid4().hex[:8]}:",
+        # A fresh key prefix per test: it starts with an empty broker of its own.
+        broker_prefix=f"{SESSION_PREFIX}{uuid.uuid4().hex[:8]}:",
         data_dir=tmp_path / "data",
         allowed_networks=["127.0.0.0/8"],
         **FAST_DOWNLOADS,

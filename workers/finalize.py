@@ -29,6 +29,7 @@ from db.schema import (
     IndexBuild,
     IndexBuildStatus,
     IngestRun,
+    ModelKind,
     ModelVersion,
     utcnow,
 )
@@ -56,7 +57,7 @@ def crops_since_training(settings: Settings) -> int:
         total = session.scalar(select(func.count()).select_from(Crop)) or 0
         last = session.scalars(
             select(ModelVersion)
-            .where(ModelVersion.kind == "embedder", ModelVersion.parent_id.is_not(None))
+            .where(ModelVersion.kind == ModelKind.EMBEDDER, ModelVersion.parent_id.is_not(None))
             .order_by(ModelVersion.id.desc())
         ).first()
     trained_on = int((last.metrics or {}).get("catalog_crops", 0)) if last else 0

@@ -150,6 +150,7 @@ def _broker_errors() -> tuple[type[BaseException], ...]:
 # What publishing raises when the broker cannot be reached (after the publish retries).
 BROKER_ERRORS = _broker_errors()
 
+
 def publish_retry_policy(settings: Settings) -> dict[str, float]:
     """Publishing retries while the broker is briefly away (a restart, a fail-over): kombu
     reconnects between tries. Past them the caller decides; the database still says the work

@@ -27,6 +27,7 @@ from sqlalchemy import select
 
 from db.schema import Crop, Image, ModelVersion, Product
 from db.session import session_scope
+from db.versions import active_embedder
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
 from flickd.fetching.fetch import fetch, make_session
@@ -291,11 +292,7 @@ class SearchService:
             row = (
                 session.get(ModelVersion, version_id)
                 if version_id is not None
-                else session.scalars(
-                    select(ModelVersion).where(
-                        ModelVersion.kind == "embedder", ModelVersion.active.is_(True)
-                    )
-                ).first()
+                else active_embedder(session)
             )
             if row is None:
                 raise SearchUnavailable(
