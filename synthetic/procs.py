@@ -37,14 +37,22 @@ def settings_env(settings: Settings, base: dict[str, str] | None = None) -> dict
 def stop_process_group(
     proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20
 ) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=timeout)
-    except (subprocess.TimeoutExpired, ProcessLookupError):
+    """Stop a process the way an orchestrator does: ``sig`` to the process itself (a Celery
+    worker then shuts down warm, letting its pool finish the tasks in hand), SIGKILL to the
+    whole group if it has not exited in ``timeout`` seconds, and to whatever it left behind.
+
+    Not ``sig`` to the whole group: a prefork worker's pool processes reset SIGTERM to its
+    default, so they would die mid-task, between a batch's commit and its hand-off."""
+    if proc.poll() is None:
         with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
         proc.wait(timeout=10)
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 
 from db.schema import Crop, Embedding, Image, ModelVersion
 from db.session import session_scope
+from flickd.core.broker import queue_lengths
 from models.colour import srgb_to_lab
 from models.labels import label_by_name
 from producer.ingest import ingest
@@ -139,15 +140,22 @@ def test_gpu_worker_end_to_end_with_one_bad_image(
     write_feed(catalog, feed, server.base_url)
     with celery_worker(settings, queues="download", concurrency=1):
         summary = ingest(feed, settings)
-        deadline = time.monotonic() + 60
+        # Wait until every download task has finished *and been acknowledged*: a task commits
+        # its images, then hands them on, then is acknowledged. Stopping the worker between the
+        # commit and the hand-off (what "no image queued" alone allowed, under load) would
+        # strand the last batch, and this test runs no reconciler to bring it back.
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             with session_scope(settings) as session:
                 queued = session.scalar(
                     select(func.count()).select_from(Image).where(Image.state == "queued")
                 )
-            if queued == 0:
+            lengths, in_flight = queue_lengths(settings)
+            if queued == 0 and lengths["download"] == 0 and in_flight == 0:
                 break
             time.sleep(0.2)
+        else:
+            raise AssertionError(f"downloads unfinished: {queued} queued, {in_flight} in flight")
     # Before the GPU worker starts, damage one stored image: it must fail alone.
     with session_scope(settings) as session:
         victim = session.scalars(select(Image).order_by(Image.id)).first()
