@@ -164,6 +164,9 @@ def main() -> None:
         help="faults go on until this share of the images is terminal",
     )
     parser.add_argument("--lease", type=int, default=20)
+    parser.add_argument(
+        "--broker-restart-at", type=int, default=3, help="the fault that restarts the broker"
+    )
     parser.add_argument("--download-workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800)
@@ -214,7 +217,8 @@ def main() -> None:
         faulty = sum(1 for state, _ in expected.values() if state == "failed")
         print(
             f"images: {args.images} ({faulty} faulty), lease {args.lease}s, kill every "
-            f"{args.kill_every:.0f}s for {args.chaos_seconds:.0f}s, one broker restart (empty)"
+            f"{args.kill_every:.0f}s until {args.until:.0%} of the images are terminal, the "
+            f"broker restarted empty at fault {args.broker_restart_at}"
         )
         pipeline = Pipeline(settings, work, stack, args.download_workers)
         for name in ["scheduler", *pipeline.names]:
@@ -228,7 +232,7 @@ def main() -> None:
             time.sleep(args.kill_every)
             if _terminal_share(settings) >= args.until:
                 break
-            if not broker_restarted and time.monotonic() - started > args.chaos_seconds / 3:
+            if not broker_restarted and sum(kills.values()) == args.broker_restart_at - 1:
                 broker.kill()
                 time.sleep(1.0)
                 broker.start()
