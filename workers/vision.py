@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from flickd.core.blobstore import BlobStore
 from flickd.core.logs import log_context
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
-from flickd.core.timing import observe_stages
+from flickd.core.timing import StepClock, observe_stages
 from flickd.fetching.imaging import decode_image
 from models import registry
 from models.colour import dominant_colour
@@ -283,62 +282,61 @@ def analyze_batch(image_ids: list[int], settings: Settings) -> AnalyzeReport:
 
 
 def _analyze(items: list[_Item], report: AnalyzeReport, settings: Settings) -> None:
-    clock = time.perf_counter
+    clock = StepClock()
     blobs = BlobStore(settings.blob_dir)
-
-    started = clock()
-    _decode(items, blobs, settings)
-    report.seconds["decode"] += clock() - started
+    with clock("decode"):
+        _decode(items, blobs, settings)
 
     live = [item for item in items if item.failure is None]
-    started = clock()
-    detections = _detect(live, settings) if live else []
-    report.seconds["detect"] += clock() - started
+    with clock("detect"):
+        detections = _detect(live, settings) if live else []
 
-    started = clock()
-    for index, item in enumerate(live):
-        if item.failure is not None:
-            continue
-        with log_context(image_id=item.image_id):
-            try:
-                _plan(item, None if detections is None else detections[index], blobs, settings)
-            except Exception as error:
-                log.exception("analysis failed")
-                item.failure = ImageFailure(
-                    FailureReason.ANALYSIS_ERROR, f"{type(error).__name__}: {error}"
-                )
-    report.seconds["crop_colour"] += clock() - started
+    with clock("crop_colour"):
+        for index, item in enumerate(live):
+            if item.failure is not None:
+                continue
+            with log_context(image_id=item.image_id):
+                try:
+                    detected = None if detections is None else detections[index]
+                    _plan(item, detected, blobs, settings)
+                except Exception as error:
+                    log.exception("analysis failed")
+                    item.failure = ImageFailure(
+                        FailureReason.ANALYSIS_ERROR, f"{type(error).__name__}: {error}"
+                    )
 
-    started = clock()
-    embedder = registry.get_embedder_by_name(embedder_name(settings), settings)
-    good = [item for item in items if item.failure is None]
-    pixels = [p for item in good for p in item.crop_pixels]
-    chunks = (
-        halving_on_oom(
-            lambda batch: [embedder.embed_images(batch)], pixels, settings.analyze_batch_size * 4
+    with clock("embed"):
+        embedder = registry.get_embedder_by_name(embedder_name(settings), settings)
+        good = [item for item in items if item.failure is None]
+        pixels = [p for item in good for p in item.crop_pixels]
+        chunks = (
+            halving_on_oom(
+                lambda batch: [embedder.embed_images(batch)],
+                pixels,
+                settings.analyze_batch_size * 4,
+            )
+            if pixels
+            else []
         )
-        if pixels
-        else []
-    )
-    vectors = np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), np.float32)
-    report.seconds["embed"] += clock() - started
+        vectors = np.concatenate(chunks) if chunks else np.zeros((0, embedder.dim), np.float32)
 
-    started = clock()
-    detector = registry.get_detector(settings)
-    _write(items, vectors, embedder, detector.model_version if detector else None, settings)
-    report.seconds["write"] += clock() - started
+    with clock("write"):
+        detector = registry.get_detector(settings)
+        _write(items, vectors, embedder, detector.model_version if detector else None, settings)
 
+    for step, seconds in clock.seconds.items():
+        report.seconds[step] += seconds
     report.analyzed = len(good)
     report.failed = len(items) - len(good)
     report.crops = len(pixels)
-    observe_stages(report.seconds)
+    observe_stages(clock.seconds)
     log.info(
         "analyze batch done images=%d analyzed=%d failed=%d crops=%d %s",
         len(items),
         report.analyzed,
         report.failed,
         report.crops,
-        " ".join(f"{k}_s={v:.3f}" for k, v in report.seconds.items()),
+        clock.summary(),
     )
 
 
