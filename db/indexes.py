@@ -57,6 +57,7 @@ def embedding_chunks(
         dim = session.scalar(select(Embedding.dim).where(of_version).limit(1))
     if not n or dims != 1:
         raise ValueError(f"model version {model_version_id}: {n} embeddings of {dims} dims")
+    assert dim is not None  # n > 0 embeddings of this version, and dim is NOT NULL
     return EmbeddingChunks(settings, model_version_id, n, dim, top, chunk_rows)
 
 

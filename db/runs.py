@@ -6,9 +6,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import CursorResult, and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.schema import (
@@ -39,11 +39,14 @@ def finish_run_if_complete(session: Session, run_id: int, last_stage: str) -> bo
     pending = exists().where(
         and_(Image.run_id == run_id, Image.state.not_in(terminal_states(last_stage)))
     )
-    result = session.execute(
-        update(IngestRun)
-        .where(IngestRun.id == run_id, IngestRun.status == RunStatus.ENQUEUED.value, ~pending)
-        .values(status=RunStatus.DONE.value, finished_at=utcnow())
-        .execution_options(synchronize_session=False)
+    result = cast(
+        "CursorResult[Any]",
+        session.execute(
+            update(IngestRun)
+            .where(IngestRun.id == run_id, IngestRun.status == RunStatus.ENQUEUED.value, ~pending)
+            .values(status=RunStatus.DONE.value, finished_at=utcnow())
+            .execution_options(synchronize_session=False)
+        ),
     )
     return result.rowcount == 1
 
@@ -103,15 +106,18 @@ def claim_finalize(settings: Settings, run_id: int) -> bool:
     from db.session import session_scope
 
     with session_scope(settings) as session:
-        result = session.execute(
-            update(IngestRun)
-            .where(IngestRun.id == run_id, finalize_claimable(settings))
-            .values(
-                finalize_status=FinalizeStatus.RUNNING.value,
-                finalize_attempts=IngestRun.finalize_attempts + 1,
-                updated_at=utcnow(),
-            )
-            .execution_options(synchronize_session=False)
+        result = cast(
+            "CursorResult[Any]",
+            session.execute(
+                update(IngestRun)
+                .where(IngestRun.id == run_id, finalize_claimable(settings))
+                .values(
+                    finalize_status=FinalizeStatus.RUNNING.value,
+                    finalize_attempts=IngestRun.finalize_attempts + 1,
+                    updated_at=utcnow(),
+                )
+                .execution_options(synchronize_session=False)
+            ),
         )
     return result.rowcount == 1
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -31,6 +31,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+if TYPE_CHECKING:
+    from sqlalchemy import Table
 
 # Stable constraint names so Alembic migrations work the same on Postgres and SQLite.
 NAMING = {
@@ -101,6 +104,11 @@ class IndexBuildStatus(StrEnum):
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map = {dict[str, Any]: JSON, int: Id}
+
+    if TYPE_CHECKING:
+        # Every model here is declared with __tablename__, so its __table__ is a Table;
+        # DeclarativeBase types it as the wider FromClause.
+        __table__: ClassVar[Table]
 
 
 class IngestRun(Base):

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from flickd.core.settings import Settings, get_settings
 
@@ -28,7 +30,7 @@ _lock = threading.Lock()
 _engines: dict[tuple[str, int], Engine] = {}
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers (status, --wait) run beside the writer; busy_timeout makes concurrent
     # writers wait instead of failing with "database is locked".

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from sqlalchemy import select
 
@@ -46,4 +46,8 @@ def training_crops(settings: Settings, model_version_id: int | None = None) -> l
         )
     with session_scope(settings) as session:
         rows = session.execute(query).all()
-    return [TrainingCrop(*row) for row in rows]
+    # The query keeps only crops with a prompt and a blob key, so both are str here.
+    return [
+        TrainingCrop(*cast("tuple[int, int, str, str, str | None, str | None]", row))
+        for row in rows
+    ]

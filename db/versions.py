@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -38,8 +38,12 @@ def embedder_version_id(conn: Connection, name: str, version: str) -> int:
         )
         .on_conflict_do_nothing(index_elements=["kind", "version"])
     )
-    return conn.scalar(
-        select(table.c.id).where(table.c.kind == ModelKind.EMBEDDER, table.c.version == version)
+    # The row exists now: inserted above, or already there (the conflict).
+    return cast(
+        int,
+        conn.scalar(
+            select(table.c.id).where(table.c.kind == ModelKind.EMBEDDER, table.c.version == version)
+        ),
     )
 
 

@@ -26,12 +26,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 
 from models.labels import FASHIONPEDIA_NAMES, FEED_SYNONYMS, NUM_LABELS, label_by_name
 from models.prompts import FALLBACK_NOUN, TEMPLATES
+
+if TYPE_CHECKING:
+    from transformers import YolosForObjectDetection
 
 Size = Literal["tiny", "base"]
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -205,7 +208,7 @@ def build_clip_tokenizer(words: Iterable[str] | None = None) -> Any:
     vocab: dict[str, int] = {}
     for token in [*tokens, BOS, EOS]:
         vocab.setdefault(token, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]  # BPE takes (left, right) pairs; transformers annotates only strings
 
 
 # --- detector -------------------------------------------------------------------------------------
@@ -222,7 +225,7 @@ def _image_processor_class(name: str) -> Any:
         return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
 
 
-def _redraw_detector_weights(model: torch.nn.Module, generator: torch.Generator) -> None:
+def _redraw_detector_weights(model: YolosForObjectDetection, generator: torch.Generator) -> None:
     """Re-draw weights so that a *random* YOLOS gives non-degenerate, image-dependent outputs.
 
     With transformers' init (detection tokens and position embeddings zero, every linear layer
@@ -255,7 +258,7 @@ def _redraw_detector_weights(model: torch.nn.Module, generator: torch.Generator)
         ):
             param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
         for head, final_std in ((model.class_labels_classifier, 3.0), (model.bbox_predictor, 1.0)):
-            layers = list(head.layers)
+            layers = cast("list[torch.nn.Linear]", list(head.layers))  # an MLP of nn.Linear
             for layer in layers:
                 fan_in = layer.weight.shape[1]
                 std = (2.0 / fan_in) ** 0.5 if layer is not layers[-1] else final_std / fan_in**0.5

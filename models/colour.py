@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
 
 import numpy as np
 from PIL import Image
@@ -140,7 +141,10 @@ def family_lab(lab: np.ndarray) -> str:
 def name_rgb(rgb: tuple[int, int, int]) -> ColourName:
     """Name an sRGB colour (0..255 per channel)."""
     lab = srgb_to_lab(np.array(rgb, dtype=np.float64))
-    return ColourName(name=name_lab(lab), rgb=tuple(rgb), family=family_lab(lab))
+    # tuple() of three channels (a list or array at runtime, too) is three ints again.
+    return ColourName(
+        name=name_lab(lab), rgb=cast("tuple[int, int, int]", tuple(rgb)), family=family_lab(lab)
+    )
 
 
 def _kmeans(points: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -16,10 +17,13 @@ from models.device import autocast_context, select_device
 from models.labels import FASHIONPEDIA_NAMES, LABELS, NUM_LABELS
 from models.loading import ModelLoadError, load_pretrained, model_version, pretrained_kwargs
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
 log = logging.getLogger(__name__)
 
 
-def _check_label_space(config: object) -> None:
+def _check_label_space(config: PretrainedConfig) -> None:
     """Make sure the model predicts the 46 Fashionpedia classes in flickd's order, then name them.
 
     The hub checkpoint's config calls its classes ``LABEL_0..LABEL_45``; a checkpoint that does

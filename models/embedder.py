@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -13,6 +14,9 @@ from PIL import Image
 
 from models.device import autocast_context, select_device
 from models.loading import ModelLoadError, load_pretrained, model_version, pretrained_kwargs
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +58,14 @@ class Embedder:
         self.tokenizer = load_pretrained(
             AutoTokenizer.from_pretrained, source, "CLIP tokenizer", **kwargs
         )
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the bound self
         self.model_version = model_version(self.name_or_dir, source, self.model)
         # Prompts beyond the position table would crash the text encoder; truncate instead.
+        # CLIPConfig turns its text_config (a dict, or None) into a CLIPTextConfig when built.
+        text_config = cast("CLIPTextConfig", model.config.text_config)
         self._max_text_tokens = min(
             int(self.tokenizer.model_max_length),
-            int(model.config.text_config.max_position_embeddings),
+            int(text_config.max_position_embeddings),
         )
         if self.dim <= 0:  # pragma: no cover - a config without a projection is not CLIP
             raise ModelLoadError(f"{self.name_or_dir} has no projection dimension")

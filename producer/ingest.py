@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import pyarrow as pa
@@ -127,7 +127,8 @@ def _stage(conn: Connection, table: Table, frame: pd.DataFrame, analyze: bool = 
     columns = [c.name for c in table.columns]
     if conn.dialect.name == "postgresql":
         raw = conn.connection.driver_connection
-        with raw.cursor() as cursor:  # type: ignore[union-attr]
+        assert raw is not None  # a connection in use has its driver (psycopg) connection
+        with raw.cursor() as cursor:
             cursor.execute(f"TRUNCATE {table.name}")
             if frame.empty:
                 return
@@ -328,7 +329,10 @@ def _save_summary(summary: IngestSummary, settings: Settings, **closing: Any) ->
                 .where(run.c.id == summary.run_id, run.c.status == RunStatus.RUNNING.value)
                 .values(**closing)
             )
-        summary.status = session.scalar(select(run.c.status).where(run.c.id == summary.run_id))
+        # The run's row exists (created before its feed is read), and status is NOT NULL.
+        summary.status = cast(
+            str, session.scalar(select(run.c.status).where(run.c.id == summary.run_id))
+        )
 
 
 def create_run(feed: str, catalog: str, settings: Settings) -> int:
@@ -436,7 +440,7 @@ def _prefetched(chunks: Iterator[FeedChunk], depth: int = 1) -> Iterator[FeedChu
             return
         if isinstance(item, BaseException):
             raise item
-        yield item  # type: ignore[misc]
+        yield cast(FeedChunk, item)  # neither the end marker nor an error: a chunk
 
 
 class _Sender:

@@ -14,11 +14,11 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from celery.worker.control import control_command
-from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy import CursorResult, and_, exists, func, select, update
 from sqlalchemy.orm import Session
 
 from db.runs import close_runs
@@ -243,16 +243,19 @@ def cancel_run(run_id: int, settings: Settings) -> CancelResult:
             raise ControlError(f"run {run_id} is already {previous}: nothing to cancel")
         run.status = RunStatus.CANCELLED.value
         run.finished_at = run.finished_at or utcnow()
-        result = session.execute(
-            update(Image)
-            .where(Image.run_id == run_id, Image.state.in_(_pending_states(settings)))
-            .values(
-                state=ImageState.FAILED.value,
-                failure_reason=FailureReason.CANCELLED.value,
-                failure_detail=f"run {run_id} cancelled by an operator",
-                updated_at=utcnow(),
-            )
-            .execution_options(synchronize_session=False)
+        result = cast(
+            "CursorResult[Any]",
+            session.execute(
+                update(Image)
+                .where(Image.run_id == run_id, Image.state.in_(_pending_states(settings)))
+                .values(
+                    state=ImageState.FAILED.value,
+                    failure_reason=FailureReason.CANCELLED.value,
+                    failure_detail=f"run {run_id} cancelled by an operator",
+                    updated_at=utcnow(),
+                )
+                .execution_options(synchronize_session=False)
+            ),
         )
         by_state = dict(
             session.execute(
@@ -278,17 +281,20 @@ def resume_run(run_id: int, settings: Settings) -> ResumeResult:
     already stored go straight to analysis) and the run finishes and finalizes like any other.
     Images that failed for any other reason keep their outcome."""
     with session_scope(settings) as session:
-        resumed = session.execute(
-            update(IngestRun)
-            .where(IngestRun.id == run_id, IngestRun.status == RunStatus.CANCELLED.value)
-            .values(
-                status=RunStatus.ENQUEUED.value,
-                finished_at=None,
-                finalize_status=None,
-                finalize_attempts=0,
-                updated_at=utcnow(),
-            )
-            .execution_options(synchronize_session=False)
+        resumed = cast(
+            "CursorResult[Any]",
+            session.execute(
+                update(IngestRun)
+                .where(IngestRun.id == run_id, IngestRun.status == RunStatus.CANCELLED.value)
+                .values(
+                    status=RunStatus.ENQUEUED.value,
+                    finished_at=None,
+                    finalize_status=None,
+                    finalize_attempts=0,
+                    updated_at=utcnow(),
+                )
+                .execution_options(synchronize_session=False)
+            ),
         ).rowcount
         if not resumed:
             status = session.scalar(select(IngestRun.status).where(IngestRun.id == run_id))

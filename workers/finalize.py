@@ -14,10 +14,11 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from db.embeddings import insert_embeddings
@@ -40,6 +41,9 @@ from flickd.core.broker import EMBED_TASK, enqueue
 from flickd.core.lease import heartbeat
 from flickd.core.settings import Settings
 from models import registry
+
+if TYPE_CHECKING:
+    from models.finetune import FinetuneResult
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ def should_finetune(settings: Settings) -> bool:
 
 
 # --- the steps ---------------------------------------------------------------------------------
-def finetune_now(settings: Settings):  # type: ignore[no-untyped-def]
+def finetune_now(settings: Settings) -> FinetuneResult:
     """Fine-tune the active embedder on the catalog; record (not activate) the new version."""
     from models.finetune import PromotionRule, TrainConfig
     from workers.training import finetune_catalog
@@ -177,14 +181,17 @@ def complete_reembed(version_id: int, settings: Settings) -> bool:
     if pending is None or missing_crop_ids(settings, version_id, up_to):
         return False
     with session_scope(settings) as session:
-        claimed = session.execute(
-            update(IndexBuild)
-            .where(
-                IndexBuild.model_version_id == version_id,
-                IndexBuild.status == IndexBuildStatus.PENDING,
-            )
-            .values(status=IndexBuildStatus.BUILDING.value, updated_at=utcnow())
-            .execution_options(synchronize_session=False)
+        claimed = cast(
+            "CursorResult[Any]",
+            session.execute(
+                update(IndexBuild)
+                .where(
+                    IndexBuild.model_version_id == version_id,
+                    IndexBuild.status == IndexBuildStatus.PENDING,
+                )
+                .values(status=IndexBuildStatus.BUILDING.value, updated_at=utcnow())
+                .execution_options(synchronize_session=False)
+            ),
         ).rowcount
     if not claimed:
         return False
@@ -276,7 +283,7 @@ def _finalize(settings: Settings) -> FinalizeOutcome:
         return FinalizeOutcome("nothing", {})
     if should_finetune(settings):
         result = finetune_now(settings)
-        detail = {
+        detail: dict[str, object] = {
             "version_id": result.version_id,
             "promoted": result.promoted,
             "score_before": result.score_before,

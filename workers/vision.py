@@ -142,6 +142,7 @@ def _detect(items: list[_Item], settings: Settings) -> list[Any] | None:
         log.exception("batch detection failed; retrying image by image")
     results: list[Any] = []
     for item in items:
+        assert item.pixels is not None  # a live item was decoded
         try:
             results.append(detector.detect([item.pixels])[0])
         except Exception as error:

@@ -14,14 +14,18 @@ import base64
 import html
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from flickd.core.logs import setup_logging
 from flickd.core.settings import Settings
+
+if TYPE_CHECKING:
+    from models.build import Size
 
 TEXT_QUERIES = (
     "a photo of a red dress",
@@ -146,7 +150,9 @@ def run_demo(
     return result
 
 
-def _offline_models(root: Path, build) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+def _offline_models(
+    root: Path, build: Callable[[Path, Size, int], dict[str, Path]]
+) -> dict[str, Path]:
     detector, clip = root / "detector", root / "clip"
     if (detector / "config.json").exists() and (clip / "config.json").exists():
         return {"detector": detector, "clip": clip}
@@ -185,7 +191,10 @@ def _crop_uri(settings: Settings, crop_id: int) -> str:
     from flickd.core.blobstore import BlobStore
 
     with session_scope(settings) as session:
-        key = session.get(Crop, crop_id).blob_key
+        crop = session.get(Crop, crop_id)
+        # A hit names a crop of the demo's index, and analysis stores every crop's JPEG.
+        assert crop is not None and crop.blob_key is not None
+        key = crop.blob_key
     return _data_uri(BlobStore(settings.blob_dir).get(key))
 
 

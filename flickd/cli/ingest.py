@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from flickd.cli.context import echo_json, needs_schema
 from flickd.cli.progress import follow_runs
 from flickd.core.settings import Settings
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 @click.command()
@@ -97,7 +100,7 @@ def ingest(
         sys.exit(2)
 
 
-def _progress_bar(total: int | None, quiet: bool):  # type: ignore[no-untyped-def]
+def _progress_bar(total: int | None, quiet: bool) -> tqdm | None:
     if quiet or not sys.stderr.isatty():
         return None
     from tqdm import tqdm

@@ -37,9 +37,11 @@ def watched_runs(settings: Settings, run_id: int | None) -> list[int]:
             )
         )
         latest = latest_run_id(session)
-    if not active and latest is None:
+    if active:
+        return active
+    if latest is None:
         raise click.ClickException("no ingest run recorded yet")
-    return active or [latest]  # type: ignore[list-item]
+    return [latest]
 
 
 def images_done(progress: RunProgress, settings: Settings) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -87,9 +87,9 @@ def models() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 def models_build(out_dir: Path, size: str, seed: int) -> None:
     """Build offline detector and CLIP models (seeded random weights) into OUT_DIR."""
-    from models.build import build_offline_models
+    from models.build import Size, build_offline_models
 
-    paths = build_offline_models(out_dir, size, seed)  # type: ignore[arg-type]
+    paths = build_offline_models(out_dir, cast(Size, size), seed)  # click.Choice: "tiny" or "base"
     click.echo(f"FLICKD_DETECTOR_MODEL={paths['detector']}")
     click.echo(f"FLICKD_EMBEDDING_MODEL={paths['clip']}")
 

@@ -123,7 +123,7 @@ def get_app(settings: Settings | None = None) -> Celery:
             app.conf.update(celery_config(settings))
             # Tasks read their settings from their app, so an in-process (eager) run uses
             # exactly the settings the caller passed, not whatever the environment says.
-            app.flickd_settings = settings  # type: ignore[attr-defined]
+            app.flickd_settings = settings
             _apps[key] = app
         app.set_current()
         app.set_default()

@@ -65,7 +65,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     for existing in list(root.handlers):
         if getattr(existing, "_flickd", False):
             root.removeHandler(existing)
-    handler._flickd = True  # type: ignore[attr-defined]
+    handler._flickd = True  # type: ignore[attr-defined]  # marks flickd's own handler, replaced on the next setup
     root.addHandler(handler)
     root.setLevel(level.upper())
     for noisy in ("urllib3", "PIL", "filelock", "httpx", "huggingface_hub"):

@@ -90,7 +90,7 @@ def fetch(
                 continue
             if failure.retryable:
                 raise _exhausted(failure, attempt) from failure
-            failure.attempts = attempt  # type: ignore[attr-defined]  # read by download.py
+            failure.attempts = attempt  # type: ignore[attr-defined]  # extra attribute, read by download.py via getattr
             raise
     raise AssertionError("unreachable: the loop returns or raises")
 
@@ -258,7 +258,7 @@ def _exhausted(failure: ImageFailure, attempts: int) -> ImageFailure:
         retryable=True,  # a later run may still succeed
         retry_after=failure.retry_after,
     )
-    exhausted.attempts = attempts  # type: ignore[attr-defined]
+    exhausted.attempts = attempts  # type: ignore[attr-defined]  # extra attribute, read by download.py via getattr
     return exhausted
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import cast
 
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -219,7 +220,7 @@ def _scale_to_8bit(im: Image.Image) -> Image.Image:
     A plain convert("L") clips every 16-bit value above 255 to white.
     """
     wide = im.convert("F")
-    low, high = wide.getextrema()
+    low, high = cast("tuple[float, float]", wide.getextrema())  # one band: mode F
     if im.mode.startswith("I;16") or (im.mode == "I" and 255 < high <= 65535 and low >= 0):
         scale, offset = 255 / 65535, 0.0  # 16-bit data: keep its absolute brightness
     elif im.mode == "F" and low >= 0 and high <= 1.0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 from requests.adapters import HTTPAdapter
 from requests.exceptions import InvalidURL, MissingSchema
@@ -175,7 +175,7 @@ class _PeerCheckMixin:
     host: str
 
     def _new_conn(self) -> socket.socket:
-        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]  # mixed into urllib3's HTTP(S)Connection, which has _new_conn
         try:
             peer = str(sock.getpeername()[0])
         except OSError:
@@ -228,7 +228,7 @@ class GuardedAdapter(HTTPAdapter):
     """
 
     # Pickled attributes (requests rebuilds the pool manager on unpickle and needs the list).
-    __attrs__: ClassVar[list[str]] = [*HTTPAdapter.__attrs__, "allowed_networks"]
+    __attrs__: list[str] = [*HTTPAdapter.__attrs__, "allowed_networks"]
 
     def __init__(self, allowed_networks: Sequence[IPNetwork] = (), **kwargs: Any) -> None:
         # Set before super().__init__, which calls init_poolmanager.

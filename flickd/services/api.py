@@ -147,7 +147,7 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
     app.state.settings = settings
     app.state.search = service
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK)
-    app.add_exception_handler(ApiError, _handle_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, _handle_api_error)  # type: ignore[arg-type]  # Starlette types handlers for any Exception; this one gets only ApiError
     _add_search_routes(app, settings, service)
     _add_catalog_routes(app, settings, service)
     _add_web_routes(app)

@@ -45,7 +45,8 @@ def _set_trainable(model: Any, config: TrainConfig) -> None:
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only: decaying biases, LayerNorm gains, embeddings or the
     temperature pulls them towards 0, which is not "simpler", just wrong."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

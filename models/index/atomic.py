@@ -8,8 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file beside ``path``, flush it to disk, rename it over ``path``."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a temporary file beside ``path``, flush it to disk, rename it over ``path``.
+    What ``write`` returns (a byte count, say) is ignored."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)

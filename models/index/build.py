@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -205,6 +205,7 @@ def _assign_all(
 def _reserve(ivf: faiss.IndexIVFScalarQuantizer, assign: np.ndarray) -> None:
     """Allocate every inverted list at its final size: lists grown chunk by chunk keep up to
     twice the capacity they need (std::vector doubling), on the largest structure there is."""
+    assert ivf.invlists is not None  # an IVF index owns its inverted lists from construction
     lists = faiss.downcast_InvertedLists(ivf.invlists)
     for list_no, size in enumerate(np.bincount(assign, minlength=ivf.nlist).tolist()):
         if size:
@@ -222,7 +223,8 @@ def _add_all(
 ) -> np.ndarray:
     """Second full pass: add with the assignment of the first, and keep the extra bits."""
     vmin, vdiff = sq_range(ivf)
-    quantizer = faiss.downcast_index(ivf.quantizer)
+    # The IndexFlatIP of _kmeans; get_xb is its (flat) centroid table.
+    quantizer = cast(faiss.IndexFlatIP, faiss.downcast_index(ivf.quantizer))
     centroids = faiss.rev_swig_ptr(quantizer.get_xb(), ivf.nlist * dim).reshape(ivf.nlist, dim)
     bits = np.empty((n, -(-dim // 8)), np.uint8)
     start = 0

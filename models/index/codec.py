@@ -4,7 +4,7 @@ extra refinement bit (``IVFRefined``), and the bit arithmetic the build shares w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import faiss
 import numpy as np
@@ -79,7 +79,8 @@ class IVFRefined:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         shortlist = k * self.rerank
         # Per-call parameters, not ``ivf.nprobe``: searches may run in several threads at once.
-        params = faiss.SearchParametersIVF(nprobe=min(self.nprobe, self.ivf.nlist))
+        params = faiss.SearchParametersIVF()
+        params.nprobe = min(self.nprobe, self.ivf.nlist)
         coarse, pos = self.ivf.search(queries, shortlist, params=params)
         scores = np.empty(pos.shape, np.float32)
         block = max(1, 8192 // shortlist)  # bounds the unpacked (block, shortlist, d) bits
@@ -111,7 +112,8 @@ class IVFRefined:
 
     @classmethod
     def read(cls, path: Path, params: dict[str, Any]) -> IVFRefined:
-        ivf = faiss.read_index(str(path))  # already the IndexIVFScalarQuantizer proxy
+        # already the IndexIVFScalarQuantizer proxy
+        ivf = cast(faiss.IndexIVFScalarQuantizer, faiss.read_index(str(path)))
         with np.load(refine_path(path)) as data:
             bits, ids = data["bits"], data["ids"]
         return cls(ivf, bits, ids, int(params["nprobe"]), int(params["rerank"]))

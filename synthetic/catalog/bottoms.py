@@ -9,6 +9,7 @@ from synthetic.catalog.shapes import (
     Point,
     _both_sides,
     _circle,
+    _Fabric,
     _fill,
     _line,
     _Part,
@@ -56,7 +57,7 @@ def _trousers(variant: str, rng: np.random.Generator) -> _Silhouette:
         parts += _both_sides(_fill(pocket, 0.94, solid=False))
         parts += _both_sides(_line([*pocket, pocket[0]], 0.003, 0.78))
         parts += _both_sides(_line(flap, 0.003, 0.78))
-    fabric = "knit" if variant == "joggers" else "woven"
+    fabric: _Fabric = "knit" if variant == "joggers" else "woven"
     return _Silhouette(tuple(parts), fabric, drape_from=0.5, phases=_phases(rng))
 
 
@@ -117,7 +118,8 @@ def _skirt(variant: str, rng: np.random.Generator) -> _Silhouette:
     if variant == "pencil":  # back slit and darts
         parts.append(_line([(0.0, ln - 0.16), (0.0, ln + 0.04)], 0.005, 0.6))
         parts += _both_sides(_line([(-0.08, band), (-0.085, band + 0.12)], 0.003, 0.85))
-    fabric = {"pleated": "pleat", "pencil": "woven"}.get(variant, "drape")
+    fabrics: dict[str, _Fabric] = {"pleated": "pleat", "pencil": "woven"}
+    fabric = fabrics.get(variant, "drape")
     return _Silhouette(tuple(parts), fabric, drape_from=band, phases=_phases(rng))
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from synthetic.catalog.vocabulary import RGB
 
 Point = tuple[float, float]
+_Fabric = Literal["drape", "pleat", "woven", "knit", "quilt", "leather"]
 
 
 _METAL: RGB = (168, 166, 160)
@@ -35,7 +36,7 @@ class _Part:
 @dataclass(frozen=True)
 class _Silhouette:
     parts: tuple[_Part, ...]
-    fabric: Literal["drape", "pleat", "woven", "knit", "quilt", "leather"]
+    fabric: _Fabric
     aspect: float = 1.0  # width / height of the box (set by _normalise)
     drape_from: float = 0.3  # y where drape folds start (the waist)
     period: float = 0.12  # quilt band height

@@ -11,6 +11,7 @@ from synthetic.catalog.shapes import (
     _arc,
     _both_sides,
     _circle,
+    _Fabric,
     _fill,
     _line,
     _Part,
@@ -82,7 +83,7 @@ def _top(variant: str, rng: np.random.Generator) -> _Silhouette:
         )
     else:
         parts.append(_line([(-body, ln - 0.025), (body, ln - 0.025)], 0.003, 0.84))
-    fabric = "knit" if variant in ("jumper", "tank") else "woven"
+    fabric: _Fabric = "knit" if variant in ("jumper", "tank") else "woven"
     return _Silhouette(tuple(parts), fabric, drape_from=0.4, phases=_phases(rng))
 
 
@@ -123,7 +124,7 @@ def _jacket(variant: str, rng: np.random.Generator) -> _Silhouette:
         period = u(0.11, 0.14)
         parts += [_line([(-0.7, y), (0.7, y)], 0.004, 0.72) for y in np.arange(0.04, ln, period)]
         return _Silhouette(tuple(parts), "quilt", period=period, phases=_phases(rng))
-    fabric = "drape" if variant == "trench" else "woven"
+    fabric: _Fabric = "drape" if variant == "trench" else "woven"
     return _Silhouette(tuple(parts), fabric, drape_from=0.55, phases=_phases(rng))
 
 
