@@ -16,9 +16,11 @@ install: ## Create .venv and install flickd (CPU torch first, so nothing pulls a
 test: ## Run the test suite (needs Postgres and Redis on 127.0.0.1)
 	$(PY) -m pytest -q
 
-lint: ## ruff lint + format check
+lint: ## ruff lint + format check, mypy, the layer contracts
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+	.venv/bin/lint-imports
 
 format: ## Apply ruff fixes and formatting
 	$(PY) -m ruff check --fix .

@@ -46,10 +46,8 @@ def stop_process_group(
     if proc.poll() is None:
         with suppress(ProcessLookupError):
             os.kill(proc.pid, sig)
-        try:
+        with suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
     with suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     if proc.poll() is None:
