@@ -233,3 +233,22 @@ def test_scheduler_refuses_embedded_mode(tmp_path):
         main, ["scheduler"], env={"FLICKD_DATA_DIR": str(tmp_path / "data")}
     )
     assert result.exit_code != 0 and "embedded mode needs no scheduler" in result.output
+
+
+@pytest.mark.services
+def test_metrics_show_the_oldest_pending_image_and_what_the_reconciler_did(settings):
+    from flickd.services.metrics import render_metrics
+    from tests.test_metrics import by_label, parse_metrics
+
+    run_id = _run(settings)
+    _image(settings, run_id, "queued", age=3 * LEASE)
+    _image(settings, run_id, "downloaded", age=1)
+    before = parse_metrics(render_metrics(settings).decode())
+    oldest = by_label(before, "flickd_oldest_pending_seconds", "state")
+    assert oldest["queued"] >= 3 * LEASE and 0 < oldest["downloaded"] < LEASE
+    assert by_label(before, "flickd_stuck_images", "state") == {"queued": 1, "downloaded": 0}
+    reconcile_once(settings)
+    after = parse_metrics(render_metrics(settings).decode())
+    done = by_label(after, "flickd_reconciler_total", "action")
+    assert done["requeued_download"] == 1 and done["exhausted"] == 0
+    assert by_label(after, "flickd_stuck_images", "state")["queued"] == 0  # sent again: progress

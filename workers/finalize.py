@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FinalizeOutcome:
-    action: str  # "finetuned", "reembedding", "indexed", "nothing"
+    action: FinalizeStatus  # finetuned, reembedding, indexed or nothing
     detail: dict[str, object]
 
 
@@ -273,14 +273,14 @@ def finalize_run(
     except Exception:
         _mark(run_id, FinalizeStatus.FAILED, settings)
         raise
-    _mark(run_id, FinalizeStatus(outcome.action), settings)
-    log.info("finalize run_id=%s action=%s %s", run_id, outcome.action, outcome.detail)
+    _mark(run_id, outcome.action, settings)
+    log.info("finalize run_id=%s action=%s %s", run_id, outcome.action.value, outcome.detail)
     return outcome
 
 
 def _finalize(settings: Settings) -> FinalizeOutcome:
     if settings.finalize == "off":
-        return FinalizeOutcome("nothing", {})
+        return FinalizeOutcome(FinalizeStatus.NOTHING, {})
     if should_finetune(settings):
         result = finetune_now(settings)
         detail: dict[str, object] = {
@@ -291,17 +291,17 @@ def _finalize(settings: Settings) -> FinalizeOutcome:
         }
         if result.promoted:
             detail["reembedding"] = start_reembed(result.version_id, settings)
-            return FinalizeOutcome("finetuned", detail)
+            return FinalizeOutcome(FinalizeStatus.FINETUNED, detail)
         path = refresh_index(settings)
-        return FinalizeOutcome("finetuned", {**detail, "index": str(path)})
+        return FinalizeOutcome(FinalizeStatus.FINETUNED, {**detail, "index": str(path)})
     path = refresh_index(settings)
     if path is not None:
-        return FinalizeOutcome("indexed", {"index": str(path)})
+        return FinalizeOutcome(FinalizeStatus.INDEXED, {"index": str(path)})
     # No path: either nothing is analysed yet, or crops lacked embeddings under the active
     # model and a re-embedding was queued (the index is built when it finishes).
     with session_scope(settings) as session:
         pending = active_embedder(session) is not None
-    return FinalizeOutcome("reembedding" if pending else "nothing", {})
+    return FinalizeOutcome(FinalizeStatus.REEMBEDDING if pending else FinalizeStatus.NOTHING, {})
 
 
 def _mark(run_id: int | None, status: FinalizeStatus, settings: Settings) -> None:
