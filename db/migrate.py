@@ -38,6 +38,13 @@ def current_revision(settings: Settings | None = None) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+def head_revision() -> str | None:
+    """The newest revision this flickd's migrations know."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 def ensure_schema(settings: Settings) -> None:
     """The embedded default needs no set-up: its SQLite file is created or upgraded on first
     use. (A shared Postgres is migrated explicitly, by `flickd db upgrade`.)"""

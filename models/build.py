@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import torch
 
 from models.labels import FASHIONPEDIA_NAMES, FEED_SYNONYMS, NUM_LABELS, label_by_name
+from models.loading import quiet_progress_bars
 from models.prompts import FALLBACK_NOUN, TEMPLATES
 
 if TYPE_CHECKING:
@@ -346,6 +347,7 @@ def build_offline_models(out_dir: Path, size: Size = "tiny", seed: int = 0) -> d
         raise ValueError(f"size must be one of {sorted(SPECS)}, not {size!r}")
     spec = SPECS[size]
     out_dir = Path(out_dir)
+    quiet_progress_bars()
     # Both the global RNG (transformers' own init) and an explicit generator (our re-draws) are
     # seeded; the global state is restored so callers' randomness is untouched.
     with torch.random.fork_rng(devices=[]):

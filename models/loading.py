@@ -7,6 +7,7 @@ the same code path.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -54,8 +55,22 @@ def pretrained_kwargs(name_or_dir: str | os.PathLike[str]) -> tuple[str, dict[st
     return os.fspath(name_or_dir), {}
 
 
+def quiet_progress_bars() -> None:
+    """Weight loading and saving draw progress bars on the terminal; they are chatter unless
+    the ``models`` log is at DEBUG."""
+    if logging.getLogger("models").isEnabledFor(logging.DEBUG):
+        return
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_pretrained(loader: Callable[..., T], name_or_dir: str, what: str, **kwargs: Any) -> T:
     """``loader(name_or_dir, **kwargs)`` with failures turned into one clear ``ModelLoadError``."""
+    quiet_progress_bars()
     try:
         return loader(name_or_dir, **kwargs)
     except (OSError, ValueError) as exc:
@@ -63,10 +78,11 @@ def load_pretrained(loader: Callable[..., T], name_or_dir: str, what: str, **kwa
             ""
             if kwargs.get("local_files_only")
             else " (hub ids need network access or a warm Hugging Face cache; offline, build local"
-            " models with `python -m models.build DIR` and point the setting at DIR/detector or"
+            " models with `flickd models build DIR` and point the setting at DIR/detector or"
             " DIR/clip)"
         )
-        raise ModelLoadError(f"cannot load {what} from {name_or_dir!r}: {exc}{hint}") from exc
+        reason = " ".join(str(exc).split())  # one line: the hub's messages span several
+        raise ModelLoadError(f"cannot load {what} from {name_or_dir!r}: {reason}{hint}") from exc
 
 
 def fingerprint_dir(directory: Path) -> str:

@@ -26,6 +26,7 @@ from producer.ingest import ingest
 from synthetic.procs import wait_for_log
 from synthetic.server import CatalogServer
 from tests.conftest import ROOT, catalog_fixture, celery_worker, settings_env
+from tests.models_fixtures import tiny_models
 from workers.control import (
     PAUSE_POLL_SECONDS,
     PAUSED_KEY,
@@ -129,9 +130,18 @@ def test_pause_mid_run_loses_nothing(pg_settings, catalog, tmp_path):
         assert session.scalar(select(func.count(func.distinct(Image.url)))) == n
 
 
-def test_a_busy_solo_worker_follows_the_pause_flag_without_the_broadcast(pg_settings, tmp_path):
+def test_a_busy_solo_worker_follows_the_pause_flag_without_the_broadcast(
+    pg_settings, tiny_models, tmp_path
+):
     """A solo (GPU) worker mid-batch misses broadcasts; it must still obey the flag."""
-    settings = pg_settings.model_copy(update={"last_stage": "analyze"})
+    # A gpu worker checks its models before it starts: give it usable (offline) ones.
+    settings = pg_settings.model_copy(
+        update={
+            "last_stage": "analyze",
+            "detector_model": "none",
+            "embedding_model": str(tiny_models["clip"]),
+        }
+    )
     client = redis.Redis.from_url(settings.broker_url or "")
     flag = PAUSED_KEY.format(prefix=settings.broker_prefix, queue="gpu")
     log = tmp_path / "gpu-worker.log"

@@ -33,27 +33,38 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def configured_settings() -> Settings:
+# Commands that run as services log at FLICKD_LOG_LEVEL (INFO by default). Every other command
+# prints its own progress and summary; what the libraries and the pipeline log goes to the log
+# only at WARNING, unless FLICKD_LOG_LEVEL is set.
+SERVICES = frozenset({"worker", "scheduler", "api", "flower", "metrics"})
+
+
+def configured_settings(service: bool = True) -> Settings:
     """The process's settings, with logging set up from them (what every command starts with)."""
     from flickd.core.logs import setup_logging
     from flickd.core.settings import get_settings
 
     settings = get_settings()
-    setup_logging(settings.log_level, settings.log_format)
+    chosen = "log_level" in settings.model_fields_set
+    level = settings.log_level if service or chosen else "WARNING"
+    setup_logging(level, settings.log_format, embedded=settings.embedded)
     return settings
 
 
 class CliState:
     """One invocation's settings, read on first use; the schema, ensured on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, debug: bool = False) -> None:
         self._settings: Settings | None = None
         self._schema_ensured = False
+        self.debug = debug  # --debug: tracebacks instead of one-line errors
 
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            self._settings = configured_settings()
+            ctx = click.get_current_context(silent=True)
+            name = ctx.command.name if ctx is not None else None
+            self._settings = configured_settings(service=name in SERVICES)
         return self._settings
 
     def schema_settings(self) -> Settings:
@@ -64,8 +75,23 @@ class CliState:
             from db.migrate import ensure_schema
 
             ensure_schema(settings)
+            require_schema_at_head(settings)
             self._schema_ensured = True
         return settings
+
+
+def require_schema_at_head(settings: Settings) -> None:
+    """A shared database must have been upgraded (`flickd db upgrade`): say so in one line
+    instead of failing later on a missing table or column."""
+    from db.migrate import current_revision, head_revision
+    from flickd.cli.errors import config_error
+
+    current, head = current_revision(settings), head_revision()
+    if current != head:
+        where = "has no flickd schema" if current is None else f"is at revision {current}"
+        raise config_error(
+            f"the database {where}; this flickd needs {head}: run `flickd db upgrade`"
+        )
 
 
 def cli_state() -> CliState:

@@ -2,47 +2,46 @@
 
 Generates the synthetic catalog, serves it on loopback, ingests it (download, analysis), lets the
 final task fine-tune the offline CLIP and build the index, runs a few searches and writes an HTML
-report of what it saw. Nothing leaves the machine and nothing is downloaded from a model hub:
-the models are the project's offline builds (seeded random weights), so the detector's boxes
-carry no meaning; the demo therefore runs with detection off (each image is one whole-image crop
-labelled from the feed category) unless asked for the detector.
+report of what it saw (flickd/cli/demo_report.py). Nothing leaves the machine and nothing is
+downloaded from a model hub: the models are the project's offline builds (seeded random
+weights), so the detector's boxes carry no meaning; the demo therefore runs with detection off
+(each image is one whole-image crop labelled from the feed category) unless asked for the
+detector. Its last lines are the commands that explore what it built.
 """
 
 from __future__ import annotations
 
 import base64
-import html
-import json
+import os
+import shlex
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from flickd.cli.demo_report import (
+    TEXT_QUERIES,
+    DemoResult,
+    Truth,
+    describe,
+    judge,
+    recall,
+    render,
+    text_queries,
+)
 from flickd.core.logs import setup_logging
 from flickd.core.settings import Settings
 
 if TYPE_CHECKING:
     from models.build import Size
+    from synthetic.catalog import Catalog
 
-TEXT_QUERIES = (
-    "a photo of a red dress",
-    "a pair of black shoes",
-    "a navy jacket",
-    "a white top",
-    "a brown bag",
-)
+__all__ = ["TEXT_QUERIES", "DemoResult", "demo", "demo_settings", "register", "run_demo"]
 
-
-@dataclass
-class DemoResult:
-    report: Path
-    summary: dict[str, Any]
-    finalize: dict[str, Any]
-    searches: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
+API_PORT = 8000
 
 
 @click.command()
@@ -62,25 +61,43 @@ class DemoResult:
 )
 def demo(out_dir: Path, products: int, detector: bool) -> None:
     """The whole pipeline on the embedded default with offline models, in one command."""
-    setup_logging("WARNING")
+    # Only the demo's own lines: no library chatter, no broker warning (it runs in-process);
+    # model loading hides its progress bars itself (models.loading.quiet_progress_bars).
+    setup_logging("WARNING", embedded=True)
+    out_dir = out_dir.absolute()
+    click.echo(
+        f"flickd demo: {products} synthetic products in {out_dir}, offline models with random "
+        "weights (scores show the machinery, not the real models' quality)"
+    )
     result = run_demo(out_dir, products=products, detector=detector)
     summary = result.summary
+    states = ", ".join(f"{n} {state}" for state, n in result.image_states.items())
     click.echo(
         f"ingested {summary['accepted']} images of {products} products: "
-        f"{summary.get('images_by_state') or summary['status']}"
+        f"{states or summary['status']}"
     )
     if result.finalize:
-        before = result.finalize.get("before", {}).get("text_to_image", {}).get("recall@5")
-        after = result.finalize.get("after", {}).get("text_to_image", {}).get("recall@5")
+        before = recall(result.finalize, "before", "text_to_image", 5)
+        after = recall(result.finalize, "after", "text_to_image", 5)
         click.echo(
-            f"fine-tuned CLIP: held-out text->image recall@5 {before} -> {after}, "
+            f"fine-tuned CLIP: held-out text->image recall@5 {_round(before)} -> "
+            f"{_round(after)}, "
             f"{'promoted' if result.finalize.get('promoted') else 'not promoted'}"
         )
+    click.echo("searches, top hit RIGHT or WRONG by the catalog's ground truth:")
     for search in result.searches:
         top = search["hits"][0] if search["hits"] else None
         found = f"{top['product_id']} {top['score']:.3f} {top['match']}" if top else "nothing"
-        click.echo(f"  {search['query']!r}: {found}")
+        mark = ("RIGHT" if top["right"] else "WRONG") if top else "     "
+        click.echo(f"  {mark} {search['query']!r}: {found}")
     click.echo(f"report: {result.report}  ({result.seconds:.0f} s)")
+    click.echo("")
+    click.echo(
+        f"explore what it built (the api serves the search page at "
+        f"http://127.0.0.1:{API_PORT}/), from any directory:"
+    )
+    for line in result.explore:
+        click.echo(line)
 
 
 def register(main: click.Group) -> None:
@@ -103,14 +120,30 @@ def demo_settings(out_dir: Path, models: dict[str, Path], detector: bool) -> Set
     )
 
 
+def explore_commands(settings: Settings, text: str, product_id: str) -> list[str]:
+    """Shell lines that search, show and serve what the demo built: one ``export`` of the
+    settings search needs (absolute paths), then plain ``flickd`` commands."""
+    env = {
+        "FLICKD_DATA_DIR": str(Path(settings.data_dir).absolute()),
+        "FLICKD_EMBEDDING_MODEL": _absolute_model(settings.embedding_model),
+        "FLICKD_DETECTOR_MODEL": _absolute_model(settings.detector_model),
+    }
+    script = Path(os.path.abspath(sys.executable)).with_name("flickd")
+    flickd = (
+        [str(script)] if script.is_file() else [os.path.abspath(sys.executable), "-m", "flickd.cli"]
+    )
+    return [
+        "export " + " ".join(f"{key}={shlex.quote(value)}" for key, value in env.items()),
+        shlex.join([*flickd, "search", "--text", text]),
+        shlex.join([*flickd, "show", product_id]),
+        shlex.join([*flickd, "api", "--port", str(API_PORT)]),
+    ]
+
+
 def run_demo(
     out_dir: Path, products: int = 100, seed: int = 11, detector: bool = False
 ) -> DemoResult:
-    from sqlalchemy import select
-
     from db.migrate import upgrade
-    from db.schema import ModelVersion
-    from db.session import session_scope
     from flickd.services.search import SearchService
     from models.build import build_offline_models
     from producer.ingest import ingest
@@ -118,36 +151,74 @@ def run_demo(
     from synthetic.server import CatalogServer
 
     started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = now - since
+        return now
+
+    out_dir = out_dir.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     models = _offline_models(out_dir / "models", build_offline_models)
     settings = demo_settings(out_dir, models, detector)
     upgrade(settings)
+    mark = lap("offline models and database", started)
     catalog = generate_catalog(out_dir / "catalog", products, seed=seed, size="small")
+    mark = lap("synthetic catalog", mark)
     with CatalogServer(catalog.images_dir) as server:
         feed = out_dir / "feed.csv"
         write_feed(catalog, feed, server.base_url)
         summary = ingest(feed, settings)
-    with session_scope(settings) as session:
-        tuned = session.scalars(
-            select(ModelVersion)
-            .where(ModelVersion.parent_id.is_not(None))
-            .order_by(ModelVersion.id.desc())
-        ).first()
-        finalize = (
-            {"model": tuned.name, "active": tuned.active, **(tuned.metrics or {})} if tuned else {}
-        )
+    mark = lap("ingest, analysis, fine-tuning and index", mark)
+    finalize, finalize_status, image_states = _outcome(settings, summary.run_id)
+    truth = _catalog_truth(catalog)
     service = SearchService(settings)
-    searches = [_text_search(service, q) for q in TEXT_QUERIES]
+    searches = [_text_search(service, q) for q in text_queries(truth.values())]
     searches += [
         _image_search(service, catalog.image_path(img), img.product_id)
         for img in catalog.images[:: max(1, len(catalog.images) // 3)][:3]
     ]
+    mark = lap("searches", mark)
+    for search in searches:
+        judge(search, truth)
+        search["catalog_size"] = len(truth)
+        if search["kind"] == "image":
+            search["shows"] = describe(*_known(truth[search["expected"]]))
+        for hit in search["hits"]:
+            hit["thumb"] = _crop_uri(settings, hit["crop_id"])
+    first = catalog.products[0]
     report = out_dir / "report.html"
     result = DemoResult(
-        report, summary.to_dict(), finalize, searches, time.perf_counter() - started
+        report=report,
+        summary=summary.to_dict(),
+        finalize=finalize,
+        searches=searches,
+        products=len(catalog.products),
+        detector=detector,
+        match_exact=settings.match_exact,
+        match_similar=settings.match_similar,
+        image_states=image_states,
+        finalize_status=finalize_status,
+        index=service.status(),
+        timings=timings,
+        explore=explore_commands(
+            settings, describe(*_known(truth[first.product_id])), first.product_id
+        ),
     )
-    report.write_text(_render(result, settings))
+    result.seconds = time.perf_counter() - started
+    report.write_text(render(result), encoding="utf-8")
     return result
+
+
+def _round(value: float | None) -> str:
+    return "?" if value is None else f"{value:.3f}"
+
+
+def _absolute_model(ref: str) -> str:
+    """A local model directory as an absolute path; a hub id or "none" as it is."""
+    path = Path(ref)
+    return str(path.absolute()) if ref != "none" and path.exists() else ref
 
 
 def _offline_models(
@@ -159,12 +230,52 @@ def _offline_models(
     return build(root, "tiny", 0)
 
 
+def _outcome(settings: Settings, run_id: int) -> tuple[dict[str, Any], str | None, dict[str, int]]:
+    """The fine-tuned model's record, the run's final-task status and its images by state."""
+    from sqlalchemy import func, select
+
+    from db.schema import Image, IngestRun, ModelVersion
+    from db.session import session_scope
+
+    with session_scope(settings) as session:
+        tuned = session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.parent_id.is_not(None))
+            .order_by(ModelVersion.id.desc())
+        ).first()
+        finalize = (
+            {"model": tuned.name, "active": tuned.active, **(tuned.metrics or {})} if tuned else {}
+        )
+        run = session.get(IngestRun, run_id)
+        states = session.execute(
+            select(Image.state, func.count()).where(Image.run_id == run_id).group_by(Image.state)
+        ).all()
+    return finalize, run.finalize_status if run else None, {s: int(n) for s, n in states}
+
+
+def _catalog_truth(catalog: Catalog) -> dict[str, Truth]:
+    """Each product's (category, colour name), as the synthetic catalog generated it."""
+    return {
+        p.product_id: (p.category, p.colour_name or (p.images[0].colour_name if p.images else None))
+        for p in catalog.products
+    }
+
+
+def _known(truth: Truth) -> tuple[str, str]:
+    category, colour = truth
+    return category or "product", colour or "plain"
+
+
 def _hits(response: Any) -> list[dict[str, Any]]:
-    return [hit.model_dump() for item in response.items for hit in item.results[:5]]
+    hits = [hit.model_dump() for item in response.items for hit in item.results[:5]]
+    for hit in hits:
+        hit["match"] = str(getattr(hit["match"], "value", hit["match"]))
+    return hits
 
 
 def _text_search(service: Any, text: str) -> dict[str, Any]:
-    return {"query": text, "kind": "text", "hits": _hits(service.search_text(text, top_k=5))}
+    response = service.search_text(text, top_k=5)
+    return {"query": text, "kind": "text", "hits": _hits(response), "took_ms": response.took_ms}
 
 
 def _image_search(service: Any, path: Path, product_id: str) -> dict[str, Any]:
@@ -178,6 +289,7 @@ def _image_search(service: Any, path: Path, product_id: str) -> dict[str, Any]:
         "expected": product_id,
         "image": _data_uri(path.read_bytes()),
         "hits": _hits(response),
+        "took_ms": response.took_ms,
     }
 
 
@@ -196,39 +308,3 @@ def _crop_uri(settings: Settings, crop_id: int) -> str:
         assert crop is not None and crop.blob_key is not None
         key = crop.blob_key
     return _data_uri(BlobStore(settings.blob_dir).get(key))
-
-
-def _render(result: DemoResult, settings: Settings) -> str:
-    esc = html.escape
-    rows = []
-    for search in result.searches:
-        cards = "".join(
-            f'<figure><img src="{_crop_uri(settings, hit["crop_id"])}">'
-            f"<figcaption><b>{esc(hit['product_id'])}</b> {esc(hit['title'] or '')}<br>"
-            f'{hit["score"]:.3f} <span class="{esc(hit["match"])}">{esc(hit["match"])}</span>'
-            f"<br>{esc(hit['colour'] or '')} {esc(hit['label'] or '')}</figcaption></figure>"
-            for hit in search["hits"]
-        )
-        query = esc(search["query"])
-        if search["kind"] == "image":
-            query = f'<img class="q" src="{search["image"]}"> {query}'
-        rows.append(f"<section><h3>{query}</h3><div class=grid>{cards}</div></section>")
-    finalize = esc(json.dumps(result.finalize, indent=1, default=str))
-    plot = Path(str(result.finalize.get("model", ""))) / "training-report" / "report.png"
-    plot_html = (
-        f'<img style="max-width:900px" src="data:image/png;base64,'
-        f'{base64.b64encode(plot.read_bytes()).decode()}">'
-        if plot.is_file()
-        else ""
-    )
-    summary = esc(json.dumps(result.summary, indent=1, default=str))
-    return f"""<!doctype html><meta charset=utf-8><title>flickd demo</title>
-<style>body{{font:14px system-ui;margin:2em}}.grid{{display:flex;gap:8px;flex-wrap:wrap}}
-figure{{margin:0;width:150px}}figure img{{width:150px;height:150px;object-fit:contain;
-background:#f4f4f4}}img.q{{height:60px;vertical-align:middle}}.exact{{color:#070}}
-.similar{{color:#a60}}.weak{{color:#888}}pre{{background:#f6f6f6;padding:8px}}</style>
-<h1>flickd demo</h1><p>{result.seconds:.0f} s on this machine; offline models (random
-weights, fine-tuned on this catalog).</p>
-<h2>Ingest</h2><pre>{summary}</pre>
-<h2>Fine-tuning (held-out retrieval before / after)</h2>{plot_html}<pre>{finalize}</pre>
-<h2>Searches</h2>{"".join(rows)}"""

@@ -76,6 +76,23 @@ def scheduler(settings: Settings, hostname: str, celery_args: tuple[str, ...]) -
     get_app(settings).worker_main(argv)
 
 
+@click.command()
+@pass_settings
+def doctor(settings: Settings) -> None:
+    """Check the set-up, one line each: database (reachable, schema at head), broker, storage,
+    both models (loaded, one tiny forward pass), free disk, Chromium for the page tests."""
+    from flickd.cli import preflight
+
+    checks = preflight.everything(settings)
+    for check in checks:
+        click.echo(check.line())
+    failed = [c for c in checks if not c.ok and not c.warning]
+    if failed:
+        code = failed[0].problem.exit_code if failed[0].problem else 1
+        click.echo(f"{len(failed)} check(s) failed", err=True)
+        raise SystemExit(code)
+
+
 def register(main: click.Group) -> None:
-    for command in (reconcile, scheduler):
+    for command in (reconcile, scheduler, doctor):
         main.add_command(command)

@@ -65,8 +65,12 @@ def ingest(
     as_json: bool,
 ) -> None:
     """Read FEED, record its products and images, and enqueue their processing."""
+    from flickd.cli import preflight
     from producer.feeds import FeedColumns, estimate_rows
     from producer.ingest import ingest as run_ingest
+
+    # Fail before the first row, not after the last download: database, broker, models.
+    preflight.require(preflight.for_ingest(settings))
 
     columns = FeedColumns(
         id=id_column,

@@ -85,7 +85,12 @@ def worker(
     """Start a Celery worker (runs `celery -A workers.app worker` with flickd's defaults)."""
     if settings.embedded:
         raise click.ClickException("FLICKD_BROKER_URL is not set: embedded mode needs no worker")
+    from flickd.cli import preflight
     from flickd.core.broker import get_app
+
+    # A worker that could not work refuses to start, in one line, instead of retrying the
+    # broker forever or failing every batch on a missing model.
+    preflight.require(preflight.for_worker(settings, queues))
 
     argv = ["worker", "-Q", queues, "--loglevel", settings.log_level]
     if "gpu" in queues.split(","):

@@ -57,7 +57,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+def setup_logging(level: str = "INFO", fmt: str = "text", *, embedded: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     handler.addFilter(_ContextFilter())
@@ -68,5 +68,10 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler._flickd = True  # type: ignore[attr-defined]  # marks flickd's own handler, replaced on the next setup
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for noisy in ("urllib3", "PIL", "filelock", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    debug = level.upper() == "DEBUG"
+    # Library chatter (migration steps, the faiss loader's AVX2 probe, hub retries) only at DEBUG.
+    noisy = ("urllib3", "PIL", "filelock", "httpx", "huggingface_hub", "alembic", "faiss")
+    for name in noisy:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+    # In-process runs have no broker: kombu's "No hostname was supplied" is noise there.
+    logging.getLogger("kombu").setLevel(logging.ERROR if embedded and not debug else logging.NOTSET)

@@ -205,6 +205,20 @@ class Settings(BaseSettings):
         return [ipaddress.ip_network(net, strict=False) for net in self.allowed_networks]
 
 
+class _LogLevel(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLICKD_", extra="ignore")
+    log_level: str = "INFO"
+
+
+def debug_requested() -> bool:
+    """FLICKD_LOG_LEVEL=DEBUG, read on its own: it must work even when another setting is
+    what is broken (the command line then shows tracebacks)."""
+    try:
+        return _LogLevel().log_level.upper() == "DEBUG"
+    except ValueError:
+        return False
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process-wide settings, read once."""

@@ -29,7 +29,7 @@ from db.schema import Crop
 from db.session import session_scope
 from flickd.core.blobstore import BlobStore
 from flickd.core.settings import Settings, get_settings
-from flickd.services.metrics import metrics_asgi_app
+from flickd.services.metrics import render_metrics
 from flickd.services.search import (
     QueryImageError,
     SearchResponse,
@@ -151,8 +151,20 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
     _add_search_routes(app, settings, service)
     _add_catalog_routes(app, settings, service)
     _add_web_routes(app)
-    app.mount("/metrics", metrics_asgi_app(settings))
+    _add_metrics_routes(app, settings)
     return app
+
+
+def _add_metrics_routes(app: FastAPI, settings: Settings) -> None:
+    """The gauges at ``/metrics`` and ``/metrics/`` alike: a mounted app would answer the first
+    with a redirect, which a plain ``curl`` or a scraper without redirects does not follow."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    def metrics() -> Response:
+        return Response(render_metrics(settings), media_type=CONTENT_TYPE_LATEST)
+
+    for path in ("/metrics", "/metrics/"):
+        app.add_api_route(path, metrics, methods=["GET"], include_in_schema=False)
 
 
 def _warm_up_in_background(service: SearchService) -> Any:
