@@ -181,3 +181,9 @@ def test_metrics_answer_with_and_without_the_slash(tmp_path):
             response = client.get(path)
             assert response.status_code == 200, path
             assert "flickd_images" in response.text
+
+
+def test_the_readme_names_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = [f"FLICKD_{name.upper()}" for name in Settings.model_fields]
+    assert [name for name in missing if f"`{name}`" not in readme] == []
