@@ -1,15 +1,22 @@
 """Download throughput: N synthetic images from the loopback server with added latency, through
 real `flickd worker -Q download` processes on Postgres + Redis, with 1 and 2 worker processes.
 
-    .venv/bin/python -m bench.download --images 2000 --latency 0.1
+    .venv/bin/python -m bench.download --images 2000 --latency 0.1 --threads 64
 
 Prints images/s per worker count beside the bound that latency and concurrency allow
-(workers × threads / latency) and the machine.
+(workers × threads / latency) and the machine. Where img2dataset can be imported (by this
+interpreter, or the one ``--img2dataset-python`` names), the same URLs are also fetched in the
+same run through img2dataset's raw path (its ``download_image``: urllib, bytes only, no
+decoding, no storing), in as many processes and threads, as the baseline to beat.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,13 +90,70 @@ def run(
     return n / elapsed
 
 
+# One img2dataset process: fetch its share of the URLs with its own downloader function.
+_IMG2DATASET_RAW = """
+import json, sys, time
+from concurrent.futures import ThreadPoolExecutor
+from img2dataset.downloader import download_image
+urls, threads = json.load(open(sys.argv[1])), int(sys.argv[2])
+print("ready", flush=True)
+sys.stdin.readline()  # start together
+t = time.perf_counter()
+with ThreadPoolExecutor(threads) as pool:
+    got = list(pool.map(lambda r: download_image(r, 10, None, None), enumerate(urls)))
+ok = sum(1 for _, stream, _ in got if stream is not None)
+print(json.dumps({"seconds": time.perf_counter() - t, "ok": ok}), flush=True)
+"""
+
+
+def img2dataset_raw(python: str, urls: list[str], processes: int, threads: int, work: Path):
+    """images/s of img2dataset's raw path over ``urls``; None when it cannot be imported."""
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}  # else it asks a registry on import
+    check = subprocess.run([python, "-c", "import img2dataset.downloader"], env=env,
+                           capture_output=True)  # fmt: skip
+    if check.returncode != 0:
+        return None
+    procs = []
+    for i in range(processes):
+        share = work / f"i2d-urls-{i}.json"
+        share.write_text(json.dumps(urls[i::processes]))
+        procs.append(subprocess.Popen(
+            [python, "-c", _IMG2DATASET_RAW, str(share), str(threads)], env=env,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    started = time.perf_counter()
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    results = [
+        json.loads(proc.communicate(timeout=600)[0].strip().splitlines()[-1]) for proc in procs
+    ]
+    elapsed = time.perf_counter() - started
+    return sum(r["ok"] for r in results) / elapsed, sum(r["ok"] for r in results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=48, help="download threads per process")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="images per download message (default: 4 x threads, so a batch's slowest image "
+        "idles its threads once per four rounds, not every round)",
+    )
     parser.add_argument("--products", type=int, default=150, help="distinct generated products")
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument(
+        "--img2dataset-python",
+        default=sys.executable,
+        help="an interpreter that can import img2dataset, for the baseline",
+    )
     args = parser.parse_args()
     stop_children_on_sigterm()
     print(machine())
@@ -110,7 +174,7 @@ def main() -> None:
             allowed_networks=["127.0.0.0/8"],
             last_stage="download",
             download_threads=args.threads,
-            download_batch_size=args.threads,
+            download_batch_size=args.batch or 4 * args.threads,
         )
         server = catalog_server(catalog.images_dir, settings, work / "server.log", args.latency)
         with server as base_url:
@@ -121,6 +185,19 @@ def main() -> None:
                     f"download workers={count} threads/worker={args.threads}: "
                     f"{rate:,.0f} images/s  (latency bound {bound:,.0f} images/s)"
                 )
+                urls = [
+                    f"{base_url}/images/{names[i % len(names)]}?r=i2d{count}-{i}"
+                    for i in range(args.images)
+                ]
+                raw = img2dataset_raw(args.img2dataset_python, urls, count, args.threads, work)
+                if raw is None:
+                    print("  img2dataset raw path: not measured (img2dataset not importable)")
+                else:
+                    print(
+                        f"  img2dataset raw path, {count} processes x {args.threads} threads: "
+                        f"{raw[0]:,.0f} images/s ({raw[1]} fetched; bytes only, nothing "
+                        f"validated or stored)  flickd / img2dataset = {rate / raw[0]:.2f}"
+                    )
 
 
 if __name__ == "__main__":

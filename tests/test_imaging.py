@@ -244,3 +244,22 @@ def test_validate_image_sizes_match_decode(make):
     full = decode_image(data, 50_000_000)
     info = validate_image(data, 50_000_000)
     assert (info.format, info.width, info.height) == (full.format, full.width, full.height)
+
+
+# --- validate_image checks JPEG and PNG without decoding a pixel -------------------------------
+def test_header_checks_find_truncation_and_bad_crcs_without_decoding():
+    from flickd.fetching.imaging import validate_image
+
+    png = faults.png(size=(40, 30))
+    cases = {
+        "truncated JPEG": faults.truncated_jpeg(0.9),
+        "truncated PNG": png[: len(png) - 20],
+        "PNG CRC": faults.corrupt_png(),
+    }
+    for name, data in cases.items():
+        with pytest.raises(ImageFailure) as failure:
+            validate_image(data, 50_000_000)
+        assert failure.value.reason is FailureReason.CORRUPT_IMAGE, name
+    # Bytes after the end-of-image marker are ignored, as by every decoder.
+    info = validate_image(faults.jpeg(size=(64, 48)) + b"trailing junk", 50_000_000)
+    assert (info.format, info.width, info.height) == ("JPEG", 64, 48)
