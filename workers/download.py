@@ -86,6 +86,7 @@ def download_one(
     with log_context(image_id=image_id, run_id=run_id):
         attempts = 1
         try:
+            # ``url`` is the feed's text (images.url); fetch requests its fetchable_url form.
             fetched = fetch(url, session, settings)
             attempts = fetched.attempts
             decoded = validate_image(fetched.content, settings.max_image_pixels)

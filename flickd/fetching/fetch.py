@@ -2,6 +2,9 @@
 
 Redirects are followed by hand so that every hop passes ``check_url`` before we connect;
 requests' and urllib3's own retries are off so that ``max_attempts`` means what it says.
+The URL, and every redirect target, is first encoded as a browser would request it
+(:func:`flickd.fetching.urls.fetchable_url`: spaces, non-ASCII, IDN hosts), so the guard
+checks exactly the URL that is sent.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from urllib3 import exceptions as uex
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
 from flickd.fetching.netguard import GuardedAdapter, check_url
+from flickd.fetching.urls import UnfetchableURL, fetchable_url
 
 # Only what imaging.decode_image accepts: CDNs negotiate the format from Accept, and offering
 # AVIF/HEIC would get us files we then reject.
@@ -74,6 +78,9 @@ def fetch(
     clock: Clock = time.monotonic,
 ) -> FetchResult:
     """Download ``url``, retrying transient failures; raise the last ImageFailure otherwise.
+
+    ``url`` may be as a feed gave it (raw spaces, accents, an IDN host): what is requested is
+    its ``fetchable_url`` form; one that cannot be encoded fails with INVALID_URL, unconnected.
 
     The raised ImageFailure carries an extra ``attempts`` attribute (tries made).
 
@@ -140,8 +147,8 @@ def _attempt(
     url: str, session: requests.Session, settings: Settings, clock: Clock, attempt: int
 ) -> FetchResult:
     deadline = clock() + settings.download_deadline
-    seen = {url}
-    current = url
+    current = _fetchable(url)
+    seen = {current}
     for _hop in range(settings.max_redirects + 1):
         check_url(current, settings)  # before every connection, redirects included
         response = _request(session, current, settings, deadline, clock)
@@ -159,6 +166,7 @@ def _attempt(
                 )
         finally:
             response.close()
+        target = _fetchable(target)  # a Location is encoded like a feed URL
         if target in seen:
             raise ImageFailure(FailureReason.TOO_MANY_REDIRECTS, f"redirect loop at {target}")
         seen.add(target)
@@ -166,6 +174,14 @@ def _attempt(
     raise ImageFailure(
         FailureReason.TOO_MANY_REDIRECTS, f"more than {settings.max_redirects} redirects"
     )
+
+
+def _fetchable(url: str) -> str:
+    """The URL to request (:func:`flickd.fetching.urls.fetchable_url`), or INVALID_URL."""
+    try:
+        return fetchable_url(url)
+    except UnfetchableURL as exc:
+        raise ImageFailure(FailureReason.INVALID_URL, str(exc)) from None
 
 
 def _remaining(deadline: float, clock: Clock, settings: Settings) -> float:

@@ -235,7 +235,8 @@ class SearchService:
         )
 
     def fetch_image(self, url: str) -> PILImage.Image:
-        """Download a query image through the SSRF guard; QueryImageError when refused."""
+        """Download a query image through the SSRF guard; QueryImageError when refused. ``url``
+        may hold raw spaces, non-ASCII or an IDN host: fetch encodes it as a browser would."""
         settings = self.settings.model_copy(
             update={
                 "max_download_bytes": self.settings.max_upload_bytes,

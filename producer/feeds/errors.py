@@ -18,7 +18,7 @@ class FeedError(Exception):
 class RejectReason(StrEnum):
     MISSING_ID = "missing_id"
     MISSING_URL = "missing_url"
-    MALFORMED_URL = "malformed_url"  # no scheme/host, whitespace or control chars, unparsable
+    MALFORMED_URL = "malformed_url"  # no scheme/host, control chars, bad host, unparsable
     UNSUPPORTED_SCHEME = "unsupported_scheme"  # anything but http/https
     URL_TOO_LONG = "url_too_long"
     MALFORMED_ROW = "malformed_row"  # more fields than the header, or a line that is not JSON

@@ -169,11 +169,8 @@ class _Rows:
         for item, text, raw_fields in zip(bad, texts, fields, strict=True):
             problem = UrlProblem(int(check.problems[item]))
             number = int(self.numbers[parent[item]])
-            out.append(
-                RejectedRow(
-                    number, problem.reason, url_detail(problem, text, max_length), raw_fields
-                )
-            )
+            detail = check.details.get(int(item)) or url_detail(problem, text, max_length)
+            out.append(RejectedRow(number, problem.reason, detail, raw_fields))
         return out
 
     def images(self, urls: pa.Array, parent: np.ndarray) -> pd.DataFrame:
