@@ -14,6 +14,7 @@ from typing import cast
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from flickd.core.reasons import FailureReason, ImageFailure
+from flickd.fetching.geometry import GeometryLimits, check_geometry
 
 # MPO is what JPEG cameras write for multi-picture files; its first frame is a plain JPEG.
 ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
@@ -97,15 +98,20 @@ class ImageInfo:
     height: int
 
 
-def validate_image(data: bytes, max_pixels: int) -> ImageInfo:
+def validate_image(
+    data: bytes, max_pixels: int, geometry: GeometryLimits | None = None
+) -> ImageInfo:
     """The checks of ``decode_image`` at a fraction of the cost, for the download stage.
 
     JPEGs are decoded at 1/8 scale (``draft``): libjpeg still reads every entropy-coded byte,
     so a truncated or corrupt file fails just the same, but the inverse DCT and colour
     conversion, most of the CPU time, shrink 64-fold. Nothing is converted to RGB.
+    Images too thin for the models fail BAD_GEOMETRY (``geometry``: the process settings'
+    limits when not given).
     """
     with _open_checked(data, max_pixels) as im:
         width, height = im.size
+        check_geometry(width, height, geometry)
         orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
         if im.format in ("JPEG", "MPO"):
             im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
