@@ -44,6 +44,7 @@ def product_details(
                         "fine_label": crop.fine_label,
                         "coarse_label": crop.coarse_label,
                         "whole_image": crop.whole_image,
+                        "detail": crop.detail,
                         "colour": crop.colour_name,
                         "colour_rgb": crop.colour_rgb,
                         "prompt": crop.prompt,

@@ -254,6 +254,9 @@ class Crop(Base):
     fine_label: Mapped[str | None] = mapped_column(String(64))
     coarse_label: Mapped[str | None] = mapped_column(String(32), index=True)
     whole_image: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Why the crop is what it is, when that is not plain detection: "detection failed (…);
+    # whole image used", "crop padded from 8x8000 to 400x8000 for the models (…)".
+    detail: Mapped[str | None] = mapped_column(Text)
     colour_name: Mapped[str | None] = mapped_column(String(64))
     colour_rgb: Mapped[str | None] = mapped_column(String(7))  # "#rrggbb"
     prompt: Mapped[str | None] = mapped_column(Text)

@@ -15,7 +15,13 @@ from PIL import Image
 from models.boxes import Detection, box_area, clamp_box
 from models.device import autocast_context, select_device
 from models.labels import FASHIONPEDIA_NAMES, LABELS, NUM_LABELS
-from models.loading import ModelLoadError, load_pretrained, model_version, pretrained_kwargs
+from models.loading import (
+    ModelLoadError,
+    load_pretrained,
+    model_version,
+    pretrained_kwargs,
+    resize_rule,
+)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -77,6 +83,13 @@ class Detector:
         _check_label_space(model.config)
         self.model = model.to(self.device).eval()
         self.model_version = model_version(self.name_or_dir, source, self.model)
+
+    @property
+    def resize_rule(self) -> tuple[int, int | None, int]:
+        """How the processor resizes (``flickd.fetching.geometry.ResizeRule``); the short side
+        must keep one patch (the YOLOS processor also rounds sides down to multiples of 16)."""
+        patch = int(getattr(self.model.config, "patch_size", 16) or 16)
+        return resize_rule(self.processor, min_side=max(patch, 16))
 
     def _pixels(self, image: Image.Image) -> torch.Tensor:
         """(3, h, w) model input for one image: resized and normalised, never padded."""

@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from models.device import autocast_context, select_device
-from models.loading import ModelLoadError, load_pretrained, model_version, pretrained_kwargs
+from models.loading import (
+    ModelLoadError,
+    load_pretrained,
+    model_version,
+    pretrained_kwargs,
+    resize_rule,
+)
 
 if TYPE_CHECKING:
     from transformers import CLIPTextConfig
@@ -69,6 +75,11 @@ class Embedder:
         )
         if self.dim <= 0:  # pragma: no cover - a config without a projection is not CLIP
             raise ModelLoadError(f"{self.name_or_dir} has no projection dimension")
+
+    @property
+    def resize_rule(self) -> tuple[int, int | None, int]:
+        """How the image processor resizes (``flickd.fetching.geometry.ResizeRule``)."""
+        return resize_rule(self.image_processor)
 
     @property
     def dim(self) -> int:

@@ -85,6 +85,25 @@ def load_pretrained(loader: Callable[..., T], name_or_dir: str, what: str, **kwa
         raise ModelLoadError(f"cannot load {what} from {name_or_dir!r}: {reason}{hint}") from exc
 
 
+def resize_rule(processor: Any, min_side: int = 1) -> tuple[int, int | None, int]:
+    """``(shortest_edge, longest_edge or None, min_side)``: how an image processor resizes
+    (``flickd.fetching.geometry.ResizeRule``), read from its ``size`` (a dict, or transformers
+    5's ``SizeDict``). A fixed output size reads as its short and long side, no minimum."""
+    size = processor.size
+
+    def get(key: str) -> int | None:
+        value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+        return int(value) if value else None
+
+    shortest, longest = get("shortest_edge"), get("longest_edge")
+    if shortest:
+        return shortest, longest, min_side
+    height, width = get("height") or get("max_height"), get("width") or get("max_width")
+    if height and width:
+        return min(height, width), max(height, width), 0
+    raise ModelLoadError(f"unsupported image processor size {size!r}")
+
+
 def fingerprint_dir(directory: Path) -> str:
     """sha256 over the files of a model directory that define its behaviour."""
     digest = hashlib.sha256()

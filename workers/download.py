@@ -29,6 +29,7 @@ from flickd.core.logs import log_context
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
 from flickd.fetching.fetch import fetch, make_session
+from flickd.fetching.geometry import GeometryLimits
 from flickd.fetching.imaging import validate_image
 from workers.stage import StageResult, holding
 
@@ -89,7 +90,11 @@ def download_one(
             # ``url`` is the feed's text (images.url); fetch requests its fetchable_url form.
             fetched = fetch(url, session, settings)
             attempts = fetched.attempts
-            decoded = validate_image(fetched.content, settings.max_image_pixels)
+            decoded = validate_image(
+                fetched.content,
+                settings.max_image_pixels,
+                GeometryLimits.from_settings(settings),
+            )
             key = blobs.put(fetched.content)
             return DownloadOutcome(
                 image_id,

@@ -2,8 +2,11 @@
 
 One task handles a batch of downloaded images. Detection runs on the whole batch and all crops
 of the batch are embedded together, so the models see full batches. An image that cannot be
-decoded, or breaks analysis, fails alone with a reason; the rest of the batch completes. A CUDA
-out-of-memory halves the batch and carries on. Crops and embeddings are written with
+decoded, is too thin for the models (``bad_geometry``), or breaks analysis, fails alone with a
+reason; the rest of the batch completes. An image detection cannot run on falls back to one
+whole-image crop, the reason in the crop's ``detail``. Images and crops of extreme aspect ratio
+are padded before a model sees them (``flickd/fetching/geometry.py``). A CUDA out-of-memory
+halves the batch and carries on. Crops and embeddings are written with
 ``ON CONFLICT DO NOTHING`` and the image state moves ``downloaded → analyzed`` under a guard,
 all in one transaction, so a re-delivered batch writes nothing twice.
 """
@@ -34,8 +37,15 @@ from flickd.core.logs import log_context
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
 from flickd.core.timing import StepClock, observe_stages
+from flickd.fetching.geometry import (
+    BoundedImage,
+    GeometryLimits,
+    bounded_geometry,
+    check_geometry,
+)
 from flickd.fetching.imaging import decode_image
 from models import registry
+from models.boxes import Detection
 from models.colour import dominant_colour
 from models.crops import Crop, crop_image, plan_crops
 from models.labels import label_by_name
@@ -61,6 +71,7 @@ class _Item:
     crop_pixels: list[PILImage.Image] = field(default_factory=list)
     crop_rows: list[dict[str, Any]] = field(default_factory=list)
     failure: ImageFailure | None = None
+    notes: list[str] = field(default_factory=list)  # what every crop's detail says
 
 
 @dataclass
@@ -114,11 +125,13 @@ def _claim_batch(image_ids: list[int], settings: Settings) -> tuple[list[_Item],
 
 
 def _decode(items: list[_Item], blobs: BlobStore, settings: Settings) -> None:
+    limits = GeometryLimits.from_settings(settings)
     for item in items:
         try:
             item.pixels = decode_image(
                 blobs.get(item.content_hash), settings.max_image_pixels
             ).image
+            check_geometry(*item.pixels.size, limits)
         except ImageFailure as failure:
             item.failure = failure
         except Exception as error:  # a missing blob, a bug: this image only
@@ -128,33 +141,68 @@ def _decode(items: list[_Item], blobs: BlobStore, settings: Settings) -> None:
 
 
 def _detect(items: list[_Item], settings: Settings) -> list[Any] | None:
-    """Detections per live item (None when detection is off)."""
+    """Detections per live item, in pixels of the item's image (None when detection is off).
+
+    The detector sees each image with its geometry bounded (padded past the aspect limit); its
+    boxes are mapped back. An image the detector fails on alone gets no detections (so one
+    whole-image crop) and a note saying why, instead of failing: the image itself is fine."""
     detector = registry.get_detector(settings)
     if detector is None:
         return None
-    images = [item.pixels for item in items]
+    limits = GeometryLimits.from_settings(settings, [detector.resize_rule])
+    bounded = []
+    for item in items:
+        assert item.pixels is not None  # a live item was decoded
+        try:
+            seen = bounded_geometry(item.pixels, limits)
+        except Exception as error:  # a bug: this image only (it stands in as a tiny blank)
+            item.failure = ImageFailure(
+                FailureReason.ANALYSIS_ERROR, f"geometry: {type(error).__name__}: {error}"
+            )
+            seen = BoundedImage(PILImage.new("RGB", (16, 16)), (16, 16))
+        if seen.note:
+            item.notes.append(f"detected on the image {seen.note}")
+        bounded.append(seen)
+    images = [seen.image for seen in bounded]
     try:
-        return halving_on_oom(detector.detect, images, settings.analyze_batch_size)
+        found = halving_on_oom(detector.detect, images, settings.analyze_batch_size)
+        return [_unbounded(dets, seen) for dets, seen in zip(found, bounded, strict=True)]
     except torch.OutOfMemoryError:
         raise
     except Exception:
         # One pathological image must not sink the batch: find it by detecting one at a time.
         log.exception("batch detection failed; retrying image by image")
     results: list[Any] = []
-    for item in items:
-        assert item.pixels is not None  # a live item was decoded
+    for item, seen in zip(items, bounded, strict=True):
         try:
-            results.append(detector.detect([item.pixels])[0])
+            results.append(_unbounded(detector.detect([seen.image])[0], seen))
         except Exception as error:
-            item.failure = ImageFailure(
-                FailureReason.ANALYSIS_ERROR, f"detection: {type(error).__name__}: {error}"
+            with log_context(image_id=item.image_id):
+                log.warning(
+                    "detection failed, whole image used: %s: %s", type(error).__name__, error
+                )
+            item.notes.append(
+                f"detection failed ({type(error).__name__}: {error}); whole image used"
             )
             results.append([])
     return results
 
 
-def _plan(item: _Item, detections: Any, blobs: BlobStore, settings: Settings) -> None:
-    """Crops, colours and prompts of one image (and the crop JPEGs in the blob store)."""
+def _unbounded(detections: list[Detection], seen: BoundedImage) -> list[Detection]:
+    """Detections on a bounded image, in pixels of its original (plan_crops clamps them)."""
+    if not seen.changed:
+        return detections
+    return [det.with_box(seen.to_original(det.box)) for det in detections]
+
+
+def _plan(
+    item: _Item, detections: Any, blobs: BlobStore, settings: Settings, limits: GeometryLimits
+) -> None:
+    """Crops, colours and prompts of one image (and the crop JPEGs in the blob store).
+
+    A crop's colour is read from its own pixels; what is embedded and stored is the crop with
+    its geometry bounded for CLIP (``limits``), so re-embedding the stored JPEG is bounded too.
+    """
     assert item.pixels is not None
     item.crops = plan_crops(
         detections,
@@ -164,10 +212,13 @@ def _plan(item: _Item, detections: Any, blobs: BlobStore, settings: Settings) ->
         feed_category=item.category,
     )
     for index, crop in enumerate(item.crops):
-        pixels = crop_image(item.pixels, crop)
-        colour = dominant_colour(pixels)
+        own = crop_image(item.pixels, crop)
+        colour = dominant_colour(own)
         label = label_by_name(crop.fine_label) if crop.fine_label else None
         prompt = make_prompt(label, colour.name, crop_key(item.content_hash, index))
+        bounded = bounded_geometry(own, limits)
+        pixels = bounded.image
+        notes = [*item.notes, *([f"crop {bounded.note}"] if bounded.note else [])]
         buffer = io.BytesIO()
         pixels.save(buffer, format="JPEG", quality=CROP_JPEG_QUALITY)
         x0, y0, x1, y1 = crop.box
@@ -189,6 +240,7 @@ def _plan(item: _Item, detections: Any, blobs: BlobStore, settings: Settings) ->
                 "fine_label": crop.fine_label,
                 "coarse_label": crop.coarse_label,
                 "whole_image": crop.whole_image,
+                "detail": "; ".join(notes)[:1000] if notes else None,
                 "colour_name": colour.name,
                 "colour_rgb": "#{:02x}{:02x}{:02x}".format(*colour.rgb),
                 "prompt": prompt,
@@ -293,13 +345,15 @@ def _analyze(items: list[_Item], report: AnalyzeReport, settings: Settings) -> N
         detections = _detect(live, settings) if live else []
 
     with clock("crop_colour"):
+        embedder = registry.get_embedder_by_name(embedder_name(settings), settings)
+        limits = GeometryLimits.from_settings(settings, [embedder.resize_rule])
         for index, item in enumerate(live):
             if item.failure is not None:
                 continue
             with log_context(image_id=item.image_id):
                 try:
                     detected = None if detections is None else detections[index]
-                    _plan(item, detected, blobs, settings)
+                    _plan(item, detected, blobs, settings, limits)
                 except Exception as error:
                     log.exception("analysis failed")
                     item.failure = ImageFailure(
@@ -307,7 +361,6 @@ def _analyze(items: list[_Item], report: AnalyzeReport, settings: Settings) -> N
                     )
 
     with clock("embed"):
-        embedder = registry.get_embedder_by_name(embedder_name(settings), settings)
         good = [item for item in items if item.failure is None]
         pixels = [p for item in good for p in item.crop_pixels]
         chunks = (

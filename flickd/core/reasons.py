@@ -17,6 +17,8 @@ class FailureReason(StrEnum):
     UNSUPPORTED_FORMAT = "unsupported_format"
     DECOMPRESSION_BOMB = "decompression_bomb"
     CORRUPT_IMAGE = "corrupt_image"
+    # A side shorter than FLICKD_MIN_IMAGE_SIDE pixels (a 1x8000 line): nothing to look at.
+    BAD_GEOMETRY = "bad_geometry"
     ANALYSIS_ERROR = "analysis_error"
     INTERNAL_ERROR = "internal_error"  # a bug; the detail names the exception
     # The stage was started FLICKD_MAX_STAGE_ATTEMPTS times without finishing (its worker died,

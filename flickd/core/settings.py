@@ -89,6 +89,16 @@ class Settings(BaseSettings):
     min_crop_side: int = 16
     crop_merge_iou: float = 0.7
 
+    # --- image geometry (every image that meets a model: downloads, analysis, search queries) --
+    # An image whose longer side exceeds this many times its shorter one is padded for the
+    # models (the short side, with the image's edge colour), so the product stays whole.
+    max_aspect_ratio: float = 20.0
+    # Images whose shorter side is below this many pixels are refused (bad_geometry).
+    min_image_side: int = 8
+    # Bytes the detector's and CLIP's preprocessing may allocate for the shapes they produce
+    # from a padded image (flickd/fetching/geometry.py derives the padding from it).
+    max_preprocess_bytes: int = 256 * 1024 * 1024
+
     # --- search (API and `flickd search`) ------------------------------------------------------
     # Cosine similarity at or above which a hit is an "exact" / "similar" match; below: "weak".
     match_exact: float = 0.9
@@ -149,6 +159,14 @@ class Settings(BaseSettings):
         # Swapped thresholds would label every "similar" hit "exact" and none "similar".
         if not -1.0 <= self.match_similar <= self.match_exact <= 1.0:
             raise ValueError("need -1 <= match_similar <= match_exact <= 1")
+        return self
+
+    @model_validator(mode="after")
+    def _check_geometry(self) -> Settings:
+        if self.max_aspect_ratio < 1.0 or self.min_image_side < 1:
+            raise ValueError("max_aspect_ratio must be at least 1, min_image_side at least 1")
+        if self.max_preprocess_bytes < 16 * 1024 * 1024:
+            raise ValueError("max_preprocess_bytes must be at least 16 MiB (16777216)")
         return self
 
     @field_validator("allowed_networks", mode="before")

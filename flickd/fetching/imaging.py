@@ -15,6 +15,7 @@ from typing import cast
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from flickd.core.reasons import FailureReason, ImageFailure
+from flickd.fetching.geometry import GeometryLimits, check_geometry
 
 # MPO is what JPEG cameras write for multi-picture files; its first frame is a plain JPEG.
 ALLOWED_FORMATS: frozenset[str] = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
@@ -98,7 +99,9 @@ class ImageInfo:
     height: int
 
 
-def validate_image(data: bytes, max_pixels: int) -> ImageInfo:
+def validate_image(
+    data: bytes, max_pixels: int, geometry: GeometryLimits | None = None
+) -> ImageInfo:
     """The checks of ``decode_image`` at a fraction of the cost, for the download stage.
 
     Format, dimensions, orientation and the pixel cap come from the header. JPEG and PNG, the
@@ -107,9 +110,12 @@ def validate_image(data: bytes, max_pixels: int) -> ImageInfo:
     all be present with matching CRCs up to IEND. Damage that only a decode can find (a
     corrupt scan of the right length) is found by the vision stage, which decodes every image
     anyway, and ends in the same reason, ``corrupt_image``. Other formats are decoded.
+    Images too thin for the models fail BAD_GEOMETRY (``geometry``: the process settings'
+    limits when not given).
     """
     with _open_checked(data, max_pixels) as im:
         width, height = im.size
+        check_geometry(width, height, geometry)
         fmt = str(im.format)
         if fmt in ("JPEG", "MPO"):
             _check_jpeg_complete(data)

@@ -6,7 +6,8 @@ thread pool, so a slow image query does not stall ``/health``.
 
 Errors are JSON ``{"detail": message, "reason": code}`` with the status saying whose fault it
 is: 4xx for the query (400 blocked or invalid URL, 413 too large, 415 not an image type, 422
-undecodable or empty), 502 when a query URL's host fails, 503 when no index exists yet.
+undecodable, empty or too thin to look at), 502 when a query URL's host fails, 503 when no
+index exists yet.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ STATUS_BY_REASON: dict[str, int] = {
     "unsupported_format": 415,
     "unsupported_media_type": 415,
     "corrupt_image": 422,
+    "bad_geometry": 422,
     "empty_image": 422,
 }
 UPSTREAM_FAILURE = 502
@@ -252,6 +254,8 @@ def _search_image(service: SearchService, image: Any, k: int, detect: bool) -> S
         return service.search_image(image, k, detect=detect)
     except SearchUnavailable as exc:
         raise _unavailable(exc) from exc
+    except QueryImageError as exc:
+        raise _query_failed(exc) from exc
 
 
 # --- catalog and health ------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 A query image goes through the same stages as a catalog image (detect → plan crops → crop →
 colour → embed), so "this dress in my photo" is compared with dress crops, not with a whole
-street scene. Each detected item gets its own result list.
+street scene. Each detected item gets its own result list. A query image too thin for the models
+is refused (``bad_geometry``); one of extreme aspect ratio is padded before a model sees it, and
+an image the detector fails on is searched whole (``flickd/fetching/geometry.py``).
 
 Scores are cosine similarities (index vectors and queries are L2-normalised), so the
 prototype's thresholds keep their meaning: ``exact`` ≥ ``match_exact``, ``similar`` ≥
@@ -31,6 +33,12 @@ from db.versions import active_embedder
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
 from flickd.fetching.fetch import fetch, make_session
+from flickd.fetching.geometry import (
+    BoundedImage,
+    GeometryLimits,
+    bounded_geometry,
+    check_geometry,
+)
 from flickd.fetching.imaging import decode_image
 from models import registry
 from models.colour import dominant_colour
@@ -97,6 +105,8 @@ class QueryItem(BaseModel):
     box: tuple[float, float, float, float] | None = None  # pixels of the query image
     whole_image: bool = False
     colour: str | None = None
+    # Why the item is what it is, when that is not plain detection (detection failed, padded).
+    detail: str | None = None
     results: list[ProductHit]
 
 
@@ -134,9 +144,11 @@ def decode_query_image(data: bytes, settings: Settings) -> PILImage.Image:
             f"image is {len(data)} bytes; the limit is {settings.max_upload_bytes}",
         )
     try:
-        return decode_image(data, settings.max_image_pixels).image
+        image = decode_image(data, settings.max_image_pixels).image
+        check_geometry(*image.size, GeometryLimits.from_settings(settings))
     except ImageFailure as failure:
         raise _query_error(failure) from None
+    return image
 
 
 def _query_error(failure: ImageFailure) -> QueryImageError:
@@ -211,19 +223,27 @@ class SearchService:
     def search_image(
         self, image: PILImage.Image, top_k: int = 10, detect: bool = True
     ) -> SearchResponse:
-        """Search per detected item of ``image`` (the whole image when nothing is detected)."""
+        """Search per detected item of ``image`` (the whole image when nothing is detected).
+
+        QueryImageError (``bad_geometry``) for an image too thin for the models."""
         started = time.perf_counter()
+        try:
+            check_geometry(*image.size, GeometryLimits.from_settings(self.settings))
+        except ImageFailure as failure:
+            raise _query_error(failure) from None
         index, version = self._index_and_version()
         embedder = self._embedder(version)
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        crops = self._plan_query_crops(rgb, detect)
-        pixels = [crop_image(rgb, crop) for crop in crops]
+        crops, notes = self._plan_query_crops(rgb, detect)
+        own = [crop_image(rgb, crop) for crop in crops]
+        limits = GeometryLimits.from_settings(self.settings, [embedder.resize_rule])
+        bounded = [bounded_geometry(pixels, limits) for pixels in own]
         with self._model_lock:
-            vectors = embedder.embed_images(pixels)
+            vectors = embedder.embed_images([seen.image for seen in bounded])
         grouped = self._search_grouped(index, vectors, top_k)
         items = [
-            _query_item(crop, crop_pixels, hits)
-            for crop, crop_pixels, hits in zip(crops, pixels, grouped, strict=True)
+            _query_item(crop, pixels, hits, _detail(notes, seen))
+            for crop, pixels, seen, hits in zip(crops, own, bounded, grouped, strict=True)
         ]
         return SearchResponse(
             kind="image",
@@ -320,19 +340,37 @@ class SearchService:
             )
         return embedder
 
-    def _plan_query_crops(self, image: PILImage.Image, detect: bool) -> list[PlannedCrop]:
+    def _plan_query_crops(
+        self, image: PILImage.Image, detect: bool
+    ) -> tuple[list[PlannedCrop], list[str]]:
+        """The query's crops (best detector scores first), and notes for every item's detail.
+        The detector sees the image with its geometry bounded; if it fails on the image, the
+        whole image is searched."""
         detector = registry.get_detector(self.settings) if detect else None
         detections = None
+        notes: list[str] = []
         if detector is not None:
-            with self._model_lock:
-                detections = detector.detect([image])[0]
+            limits = GeometryLimits.from_settings(self.settings, [detector.resize_rule])
+            seen = bounded_geometry(image, limits)
+            if seen.note:
+                notes.append(f"detected on the image {seen.note}")
+            try:
+                with self._model_lock:
+                    found = detector.detect([seen.image])[0]
+                detections = [det.with_box(seen.to_original(det.box)) for det in found]
+            except Exception as error:
+                log.warning("query detection failed, whole image used: %s", error)
+                notes.append(
+                    f"detection failed ({type(error).__name__}: {error}); whole image used"
+                )
+                detections = []
         crops = plan_crops(
             detections,
             image.size,
             min_side=self.settings.min_crop_side,
             merge_iou=self.settings.crop_merge_iou,
         )
-        return crops[: max(1, self.settings.search_max_items)]  # best detector scores first
+        return crops[: max(1, self.settings.search_max_items)], notes
 
     def _http(self) -> requests.Session:
         with self._session_lock:
@@ -447,7 +485,9 @@ def _crop_row(r: Any) -> _CropRow:
     )
 
 
-def _query_item(crop: PlannedCrop, pixels: PILImage.Image, hits: Sequence[ProductHit]) -> QueryItem:
+def _query_item(
+    crop: PlannedCrop, pixels: PILImage.Image, hits: Sequence[ProductHit], detail: str | None
+) -> QueryItem:
     return QueryItem(
         label=crop.fine_label,
         coarse_label=crop.coarse_label,
@@ -455,8 +495,14 @@ def _query_item(crop: PlannedCrop, pixels: PILImage.Image, hits: Sequence[Produc
         box=crop.box,
         whole_image=crop.whole_image,
         colour=dominant_colour(pixels).name,
+        detail=detail,
         results=list(hits),
     )
+
+
+def _detail(notes: list[str], seen: BoundedImage) -> str | None:
+    parts = [*notes, *([f"crop {seen.note}"] if seen.note else [])]
+    return "; ".join(parts)[:1000] if parts else None
 
 
 def _ms_since(started: float) -> float:
