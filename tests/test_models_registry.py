@@ -127,7 +127,9 @@ def test_unknown_hub_id_offline_is_a_clear_error() -> None:
     if not constants.HF_HUB_OFFLINE:
         pytest.skip("online, an unknown hub id means minutes of retries; run with HF_HUB_OFFLINE=1")
     settings = Settings(device="cpu", embedding_model="nobody/no-such-clip")
-    with pytest.raises(ModelLoadError, match=r"(?s)nobody/no-such-clip.*models\.build"):
+    # The hint names the command that builds offline stand-ins (it used to name a module path
+    # that does not exist).
+    with pytest.raises(ModelLoadError, match=r"(?s)nobody/no-such-clip.*`flickd models build DIR`"):
         registry.get_embedder(settings)
 
 
