@@ -136,11 +136,15 @@ class Stack:
             )
         self.procs[name] = self.stack.enter_context(ctx)
 
-    def kill(self, name: str) -> None:
-        """SIGKILL the whole process group, mid-whatever, and start a fresh one."""
+    def kill(self, name: str, landed: Callable[[], bool] | None = None) -> None:
+        """SIGKILL the whole process group, mid-whatever, and start a fresh one. ``landed``,
+        checked the moment the process is dead (before the reconciler can have re-driven
+        anything: its heartbeat is a fraction of a lease old), proves the kill came mid-work."""
         proc = self.procs[name]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+        if landed is not None:
+            assert landed(), f"the kill of {name} came too late to prove anything"
         self.kills += 1
         self.start(name)
 
@@ -249,18 +253,17 @@ def test_workers_killed_mid_download_mid_analysis_and_during_the_final_task(
         with _running(settings, tmp_path, "scheduler", "download", "gpu") as pipeline:
             run_id = ingest(tmp_path / "feed.csv", settings).run_id
             _wait(lambda: _claimed(settings, "queued"), 30, "a download batch in flight")
-            pipeline.kill("download")
-            assert _claimed(settings, "queued"), "the kill came too late to prove anything"
+            pipeline.kill("download", landed=lambda: _claimed(settings, "queued"))
             _wait(lambda: _claimed(settings, "downloaded"), 60, "an analysis batch in flight")
             pipeline.kill("gpu")
+            finalizing = select(IngestRun.finalize_status)
             _wait(
-                lambda: _scalar(settings, select(IngestRun.finalize_status)) == "running",
+                lambda: _scalar(settings, finalizing) == "running",
                 SETTLE_BOUND,
                 "the final task to start",
             )
-            pipeline.kill("gpu")
+            pipeline.kill("gpu", landed=lambda: _scalar(settings, finalizing) == "running")
             last_fault = time.monotonic()
-            assert _scalar(settings, select(IngestRun.finalize_status)) == "running"  # mid-task
             seconds = _settle(settings, run_id, last_fault)
             _check(settings, run_id, expected, pipeline, final="finetuned")
     assert _scalar(settings, select(IngestRun.finalize_attempts)) == 2  # killed, then done

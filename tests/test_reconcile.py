@@ -252,3 +252,16 @@ def test_metrics_show_the_oldest_pending_image_and_what_the_reconciler_did(setti
     done = by_label(after, "flickd_reconciler_total", "action")
     assert done["requeued_download"] == 1 and done["exhausted"] == 0
     assert by_label(after, "flickd_stuck_images", "state")["queued"] == 0  # sent again: progress
+
+
+@pytest.mark.services
+def test_reprocessing_starts_the_attempts_of_analysis_afresh(settings):
+    from workers.control import reprocess
+
+    run_id = _run(settings, status="done")
+    image_id = _image(settings, run_id, "analyzed", age=1, stage_attempts=5, last_error="old")
+    assert reprocess(settings, all_analyzed=True).images == 1
+    with session_scope(settings) as session:
+        image = session.get(Image, image_id)
+        # Five earlier deliveries must not make the new round fail as attempts_exhausted.
+        assert (image.state, image.stage_attempts, image.last_error) == ("downloaded", 0, None)

@@ -377,7 +377,13 @@ def _reset_to_downloaded(session: Session, ids: Sequence[int]) -> list[int]:
         moved += session.scalars(
             update(Image)
             .where(Image.id.in_(chunk), Image.state == ImageState.ANALYZED.value)
-            .values(state=ImageState.DOWNLOADED.value, analyzed_at=None, updated_at=utcnow())
+            .values(
+                state=ImageState.DOWNLOADED.value,
+                analyzed_at=None,
+                stage_attempts=0,  # a new round of analysis: its attempts count afresh
+                last_error=None,
+                updated_at=utcnow(),
+            )
             .returning(Image.id)
             .execution_options(synchronize_session=False)
         ).all()
