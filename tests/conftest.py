@@ -5,13 +5,16 @@ module's small synthetic catalog with its loopback image server."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import urllib3
 
 from db.migrate import upgrade
 from db.runs import wait_for_run
@@ -205,3 +208,18 @@ def _fresh_settings_cache() -> Iterator[None]:
     reset_settings()
     yield
     reset_settings()
+
+
+@pytest.fixture()
+def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Hosts urllib3 opened sockets to during the test (the fetch tests: was a connection
+    opened at all, and to which address)."""
+    opened: list[str] = []
+    real = urllib3.util.connection.create_connection
+
+    def spy(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
+        opened.append(address[0])
+        return real(address, *args, **kwargs)
+
+    monkeypatch.setattr(urllib3.util.connection, "create_connection", spy)
+    return opened

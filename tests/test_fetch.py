@@ -282,20 +282,6 @@ def test_relative_redirect(server: CatalogServer, session, settings) -> None:
     assert result.final_url == server.url("fault/jpeg")
 
 
-@pytest.fixture()
-def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Hosts urllib3 opened sockets to during the test."""
-    opened: list[str] = []
-    real = urllib3.util.connection.create_connection
-
-    def spy(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
-        opened.append(address[0])
-        return real(address, *args, **kwargs)
-
-    monkeypatch.setattr(urllib3.util.connection, "create_connection", spy)
-    return opened
-
-
 @pytest.mark.parametrize(
     ("target", "address"),
     [

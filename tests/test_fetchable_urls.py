@@ -260,20 +260,6 @@ def test_search_by_image_url_fetches_the_encoded_url(files_server: CatalogServer
 # --- the SSRF guard sees the punycode host ----------------------------------------------------
 
 
-@pytest.fixture()
-def connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Hosts urllib3 opened sockets to during the test."""
-    opened: list[str] = []
-    real = urllib3.util.connection.create_connection
-
-    def spy(address: tuple[str, int], *args: Any, **kwargs: Any) -> socket.socket:
-        opened.append(address[0])
-        return real(address, *args, **kwargs)
-
-    monkeypatch.setattr(urllib3.util.connection, "create_connection", spy)
-    return opened
-
-
 def _dns(monkeypatch: pytest.MonkeyPatch, answer: str) -> list[str]:
     asked: list[str] = []
 
