@@ -43,7 +43,7 @@ from db.runs import close_runs, touch_run
 from db.schema import Image, ImageState, IngestRun, Product, RejectedRow, RunStatus, utcnow
 from db.session import get_engine, session_scope
 from db.versions import dialect_insert
-from flickd.core.broker import BROKER_ERRORS, DOWNLOAD_TASK, FINALIZE_TASK, enqueue, send
+from flickd.core.broker import BROKER_ERRORS, DOWNLOAD_TASK, enqueue, send_final_tasks
 from flickd.core.lease import heartbeat
 from flickd.core.settings import Settings
 from producer.feeds import FeedChunk, FeedColumns, FeedError, read_feed, url_hash
@@ -396,13 +396,13 @@ def ingest(
     summary.status = RunStatus.ENQUEUED.value
     _save_summary(summary, settings, status=summary.status, enqueued_at=utcnow())
     # Workers may all have finished before the producer did; one of us closes the run.
-    if close_runs(settings, [summary.run_id]):
+    closed = close_runs(settings, [summary.run_id])
+    if closed:
         summary.status = RunStatus.DONE.value
-        if settings.finalize_enabled:
-            try:
-                send(FINALIZE_TASK, [[summary.run_id]], settings)
-            except BROKER_ERRORS as error:  # queued in the database: the reconciler sends it
-                summary.broker_error = summary.broker_error or f"{type(error).__name__}: {error}"
+        try:
+            send_final_tasks(closed, settings)
+        except BROKER_ERRORS as error:  # queued in the database: the reconciler sends it
+            summary.broker_error = summary.broker_error or f"{type(error).__name__}: {error}"
     log.info("ingest enqueued run_id=%s %s", summary.run_id, summary.to_dict())
     return summary
 

@@ -28,12 +28,11 @@ from db.versions import active_embedder
 from flickd.core.broker import (
     ANALYZE_TASK,
     DOWNLOAD_TASK,
-    FINALIZE_TASK,
     QUEUES,
     app_settings,
     enqueue,
     get_app,
-    send,
+    send_final_tasks,
 )
 from flickd.core.reasons import FailureReason
 from flickd.core.settings import Settings
@@ -330,9 +329,7 @@ def resume_run(run_id: int, settings: Settings) -> ResumeResult:
     # Committed: now the workers may see them. A send that fails leaves them to the reconciler.
     enqueue(DOWNLOAD_TASK, sorted(to_download), settings.download_batch_size, settings)
     enqueue(ANALYZE_TASK, sorted(to_analyze), settings.analyze_batch_size, settings)
-    for closed in close_runs(settings, [run_id]):  # nothing was left to do
-        if settings.finalize_enabled:
-            send(FINALIZE_TASK, [[closed]], settings)
+    send_final_tasks(close_runs(settings, [run_id]), settings)  # if nothing was left to do
     log.info("run resumed run_id=%s images=%d", run_id, len(to_download) + len(to_analyze))
     return ResumeResult(run_id, len(to_download) + len(to_analyze), len(to_analyze))
 

@@ -58,6 +58,7 @@ from flickd.core.broker import (
     enqueue,
     oldest_waiting,
     send,
+    send_final_tasks,
 )
 from flickd.core.settings import Settings
 
@@ -244,8 +245,7 @@ def _close_runs(settings: Settings, touched: set[int | None]) -> list[int]:
     closed = close_runs(settings, open_runs | touched)
     for run_id in closed:
         log.info("run finished run_id=%s (reconciler)", run_id)
-        if settings.finalize_enabled:
-            send(FINALIZE_TASK, [[run_id]], settings)
+    send_final_tasks(closed, settings)
     return closed
 
 

@@ -20,11 +20,10 @@ from db.schema import ImageState
 from db.session import session_scope
 from flickd.core.broker import (
     BROKER_ERRORS,
-    FINALIZE_TASK,
     RECONCILE_TASK,
     app_settings,
     enqueue,
-    send,
+    send_final_tasks,
 )
 from flickd.core.logs import log_context
 from flickd.core.settings import Settings
@@ -73,10 +72,10 @@ class FlickdTask(Task):
         settings = self.settings
         if result.next_task:
             enqueue(result.next_task, result.next_ids, result.batch_size, settings)
-        for run_id in close_runs(settings, result.run_ids):
+        closed = close_runs(settings, result.run_ids)
+        for run_id in closed:
             log.info("run finished run_id=%s", run_id)
-            if settings.finalize_enabled:
-                send(FINALIZE_TASK, [[run_id]], settings)
+        send_final_tasks(closed, settings)
 
     def on_retry(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any

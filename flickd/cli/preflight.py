@@ -48,7 +48,7 @@ def check_database(settings: Settings) -> Check:
     def probe() -> str:
         from sqlalchemy import text
 
-        from db.migrate import ensure_schema
+        from db.migrate import ensure_schema, head_revision
         from db.session import get_engine
         from flickd.cli.context import require_schema_at_head
 
@@ -56,8 +56,6 @@ def check_database(settings: Settings) -> Check:
         with get_engine(settings).connect() as conn:
             conn.execute(text("SELECT 1"))
         require_schema_at_head(settings)
-        from db.migrate import head_revision
-
         return f"{redact(settings.sqlalchemy_url)} (schema at {head_revision()})"
 
     return _run("database", probe)

@@ -212,6 +212,14 @@ def send(task_name: str, messages: Sequence[Sequence[object]], settings: Setting
     return len(messages)
 
 
+def send_final_tasks(run_ids: Sequence[int], settings: Settings) -> int:
+    """Send the final task of each run just closed (``db.runs.close_runs`` marked it queued
+    when one is due); nothing when the settings run none. Returns how many were sent."""
+    if not settings.finalize_enabled:
+        return 0
+    return send(FINALIZE_TASK, [[run_id] for run_id in run_ids], settings)
+
+
 # --- reading the queues (metrics, the reconciler) ------------------------------------------------
 def _redis(settings: Settings) -> Any:
     import redis
