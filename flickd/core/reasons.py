@@ -20,6 +20,16 @@ class FailureReason(StrEnum):
     # A side shorter than FLICKD_MIN_IMAGE_SIDE pixels (a 1x8000 line): nothing to look at.
     BAD_GEOMETRY = "bad_geometry"
     ANALYSIS_ERROR = "analysis_error"
+    # Video queries (flickd/fetching/video.py): the bytes are no video container; the
+    # container is cut short (no moov atom, a stream that stops); the container holds no video
+    # stream (audio only); no frame of the stream decodes; the codec is not one PyAV decodes;
+    # a frame over FLICKD_VIDEO_MAX_PIXELS.
+    NOT_A_VIDEO = "not_a_video"
+    TRUNCATED_VIDEO = "truncated_video"
+    NO_VIDEO_STREAM = "no_video_stream"
+    NO_DECODABLE_FRAMES = "no_decodable_frames"
+    UNSUPPORTED_CODEC = "unsupported_codec"
+    VIDEO_TOO_LARGE = "video_too_large"
     INTERNAL_ERROR = "internal_error"  # a bug; the detail names the exception
     # The stage was started FLICKD_MAX_STAGE_ATTEMPTS times without finishing (its worker died,
     # or the stage raised each time); the detail says which stage and the last error.

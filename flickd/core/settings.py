@@ -106,6 +106,28 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 10 * 1024 * 1024  # image uploads and image-URL queries
     search_max_items: int = 8  # detected items searched per query image, best scores first
 
+    # --- video search (`flickd search --video`, POST /search/video) ---------------------------
+    # Frames kept per second of video at most, plus one at each scene change: a frame whose
+    # colour-histogram distance from the last kept frame is at least the threshold (0..1).
+    video_max_fps: float = 2.0
+    video_scene_threshold: float = 0.35
+    # Hard caps: a longer clip is analysed up to the cap and the result says so; a frame over
+    # the pixel cap is refused (video_too_large); bytes are counted while they stream in.
+    video_max_seconds: float = 600.0
+    video_max_frames: int = 1200  # sampled frames per video
+    video_max_pixels: int = 3840 * 2160  # per frame
+    video_max_upload_bytes: int = 200 * 1024 * 1024  # uploads and video-URL downloads
+    # A clip up to this long is answered in the request; a longer one becomes a job on the gpu
+    # queue with a status endpoint.
+    video_inline_seconds: float = 20.0
+    video_batch_size: int = 16  # sampled frames per detector and embedder call
+    # Detections in nearby sampled frames join one track when their coarse labels agree, their
+    # boxes overlap at least this much (IoU) or their embeddings are at least this similar,
+    # and at most this many sampled frames lie between them.
+    track_min_iou: float = 0.3
+    track_min_similarity: float = 0.85
+    track_max_gap: int = 2
+
     # --- the final task: fine-tune, re-embed, index -------------------------------------------
     # auto: fine-tune when enough new crops arrived, else refresh the index; index: only the
     # index; off: nothing runs when a run finishes.
