@@ -82,6 +82,11 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every response carries a length or is chunked
     server: _Server
     timeout = 30  # idle keep-alive connections give their thread back eventually
+    # TCP_NODELAY, as nginx and CDNs set it on keep-alive connections: the headers and the body
+    # go out in two writes, and with Nagle on, the body waits for the client's delayed ACK of
+    # the headers (~40 ms) on every reused connection (new connections start in quick-ACK mode,
+    # so only clients that keep connections alive paid it).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: object) -> None:
         if self.server.catalog.verbose:
