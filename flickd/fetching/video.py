@@ -265,8 +265,14 @@ def _what_it_is(head: bytes) -> str:
 
 def _video_stream(container: Any, fileobj: BinaryIO, demuxer: str) -> Any:
     streams = container.streams.video
+    if not container.streams:  # the header lists nothing: it is cut off inside the header
+        raise VideoFailure(
+            FailureReason.TRUNCATED_VIDEO,
+            f"this {_CONTAINER_NAMES.get(demuxer, demuxer)} file lists no streams: it is cut "
+            "short or damaged",
+        )
     if not streams:
-        kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+        kinds = sorted({s.type for s in container.streams})
         raise VideoFailure(
             FailureReason.NO_VIDEO_STREAM, f"the file holds {', '.join(kinds)}, no video"
         )
