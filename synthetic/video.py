@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from synthetic import faults
+from synthetic.catalog import Catalog
 
 Codec = Literal["h264", "vp9", "mov", "gif"]
 TransitionKind = Literal["cut", "fade"]
@@ -93,6 +94,21 @@ class _ShotPlan:
     background: np.ndarray  # H x W x 3 float32
     motion: Literal["pan", "zoom"]
     direction: float  # +1 or -1: pan right/left, zoom in/out
+
+
+def catalog_images(
+    catalog: Catalog, product_ids: Sequence[str] | None = None
+) -> list[tuple[str, Image.Image]]:
+    """``(product_id, first image)`` of each product (or of ``product_ids``, in that order),
+    as :func:`make_clip` takes them."""
+    by_id = {p.product_id: p for p in catalog.products}
+    chosen = [by_id[pid] for pid in product_ids] if product_ids is not None else catalog.products
+    return [(p.product_id, _load(catalog.image_path(p.images[0]))) for p in chosen]
+
+
+def _load(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def make_clip(

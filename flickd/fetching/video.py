@@ -450,8 +450,11 @@ class _Sampler:
     def _consider(self, frame: Any) -> SampledFrame | None:
         report, limits = self.report, self.limits
         t = self._timestamp(frame)
-        if t >= limits.max_seconds or report.frames_decoded >= self.max_decoded:
-            self._cut(min(t, limits.max_seconds), "duration")
+        if t >= limits.max_seconds:
+            self._cut(limits.max_seconds, "duration")
+            return None
+        if report.frames_decoded >= self.max_decoded:
+            self._cut(t, "decoded")
             return None
         number = report.frames_decoded
         report.frames_decoded += 1
@@ -519,6 +522,8 @@ class _Sampler:
         total = f" of {self.info.duration_s:.1f} s" if self.info.duration_s else ""
         if cap == "duration":
             why = f"the duration cap is {self.limits.max_seconds:g} s"
+        elif cap == "decoded":
+            why = f"{self.max_decoded} frames decoded, more than {MAX_SOURCE_FPS} a second"
         else:
             why = f"the cap is {self.limits.max_frames} sampled frames"
         self.report.notes.append(f"analysed the first {at:.1f} s{total}: {why}")
