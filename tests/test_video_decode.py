@@ -11,12 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from PIL import Image
 
 from flickd.core.reasons import FailureReason
 from flickd.core.settings import Settings
-from flickd.fetching.fetch import make_session
+from flickd.fetching.fetch import HttpClient, make_session
 from flickd.fetching.video import (
     SampledFrame,
     VideoFailure,
@@ -312,13 +311,13 @@ def url_settings() -> Settings:
 
 
 @pytest.fixture(scope="module")
-def session(url_settings: Settings) -> Iterator[requests.Session]:
+def session(url_settings: Settings) -> Iterator[HttpClient]:
     with make_session(url_settings) as s:
         yield s
 
 
 def test_a_video_url_downloads_the_clip(
-    server: CatalogServer, session: requests.Session, url_settings: Settings, mp4: bytes
+    server: CatalogServer, session: HttpClient, url_settings: Settings, mp4: bytes
 ) -> None:
     # Bigger than the image cap (max_download_bytes), within the video cap.
     assert url_settings.max_download_bytes < len(mp4) < url_settings.video_max_upload_bytes
@@ -330,7 +329,7 @@ def test_a_video_url_downloads_the_clip(
 
 
 def test_a_video_url_the_guard_blocks_is_never_connected(
-    session: requests.Session, connections: list[str]
+    session: HttpClient, connections: list[str]
 ) -> None:
     failure = None
     with pytest.raises(VideoFailure) as info:
@@ -350,7 +349,7 @@ def test_loopback_is_blocked_unless_allowed(server: CatalogServer, mp4: bytes) -
 
 
 def test_html_served_as_video_mp4_is_not_a_video(
-    server: CatalogServer, session: requests.Session, url_settings: Settings
+    server: CatalogServer, session: HttpClient, url_settings: Settings
 ) -> None:
     url = server.serve_bytes("page.mp4", not_a_video()["html"], "video/mp4")
     with pytest.raises(VideoFailure) as info:
@@ -360,7 +359,7 @@ def test_html_served_as_video_mp4_is_not_a_video(
 
 
 def test_an_oversized_video_url_is_refused(
-    server: CatalogServer, session: requests.Session, mp4: bytes
+    server: CatalogServer, session: HttpClient, mp4: bytes
 ) -> None:
     settings = make_settings(video_max_upload_bytes=len(mp4) // 2)
     url = server.serve_bytes("big.mp4", mp4, "video/mp4")

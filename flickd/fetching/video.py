@@ -55,12 +55,11 @@ from typing import Any, BinaryIO
 import av
 import av.error
 import numpy as np
-import requests
 from PIL import Image
 
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
-from flickd.fetching.fetch import fetch
+from flickd.fetching.fetch import HttpClient, fetch
 from flickd.fetching.imaging import sniff_format
 
 # Thumbnails the scene detector compares: wide enough for a stable histogram (48x27 = 1296
@@ -615,7 +614,7 @@ def _distance(a: np.ndarray, b: np.ndarray) -> float:
 # --- video URLs ------------------------------------------------------------------------------
 
 
-def fetch_video(url: str, session: requests.Session, settings: Settings) -> bytes:
+def fetch_video(url: str, session: HttpClient, settings: Settings) -> bytes:
     """Download a video query through the SSRF guard and the image fetch code
     (:func:`flickd.fetching.fetch.fetch`), capped at ``video_max_upload_bytes`` while it
     streams in. Bytes that are no video container (HTML served as video/mp4, an image) are
