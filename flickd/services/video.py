@@ -53,6 +53,7 @@ class FrameRecord(BaseModel):
     match_type: MatchType | None
     confidence: float | None  # cosine score of the match
     track_id: int
+    box: list[float]  # x0, y0, x1, y1 pixels of the frame
 
 
 class VideoTrack(BaseModel):
@@ -324,6 +325,7 @@ def _record(item: _Seen, track: VideoTrack) -> FrameRecord:
         match_type=match.match if match else None,
         confidence=match.score if match else None,
         track_id=item.track_id,
+        box=[float(v) for v in item.box],
     )
 
 
