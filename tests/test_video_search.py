@@ -30,8 +30,8 @@ from flickd.services.video import VideoSearch, VideoSearchResult, merge_ranges
 from models.crops import Crop, crop_image
 from synthetic.video import ClipTruth, make_clip
 from tests.conftest import catalog_fixture
-from tests.models_fixtures import tiny_models  # noqa: F401  (fixture)
-from tests.test_search_api import indexed, stored_vectors  # noqa: F401  (fixture)
+from tests.models_fixtures import tiny_models
+from tests.test_search_api import indexed, stored_vectors
 
 catalog = catalog_fixture(10, seed=11)
 SHOTS = 6  # the clip shows one image of each of the first six products; four never appear
