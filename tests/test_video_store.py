@@ -157,3 +157,25 @@ def test_a_result_computed_in_the_request_is_stored_done(pg_settings, version_id
         assert videos.stored_result(session, SHA, version_id, 5) == RESULT
         assert videos.count_jobs(session) == 1
     assert _view(pg_settings, job_id).status == "done"
+
+
+def test_the_reconciler_sends_a_stalled_job_again_by_task_name(pg_settings, version_id):
+    import base64
+    import json
+
+    import redis
+
+    from workers.reconcile import reconcile_once
+
+    settings = pg_settings.model_copy(update={"lease_seconds": 5})
+    stalled = _request(settings, version_id, top_k=1).job_id
+    waiting = _request(settings, version_id, top_k=2).job_id  # its message is still on its way
+    _age(settings, stalled, 30)
+    report = reconcile_once(settings)
+    assert (report.video_jobs_redriven, report.video_jobs_exhausted) == ([stalled], [])
+    client = redis.Redis.from_url(settings.broker_url or "")
+    messages = [json.loads(m) for m in client.lrange(settings.broker_prefix + "gpu", 0, -1)]
+    assert [m["headers"]["task"] for m in messages] == ["flickd.video_search"]
+    assert json.loads(base64.b64decode(messages[0]["body"]))[0] == [stalled]
+    assert _view(settings, waiting).status == "queued"
+    assert reconcile_once(settings).video_jobs_redriven == []  # stamped: left alone a lease
