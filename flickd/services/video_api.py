@@ -6,7 +6,8 @@ parameter ``top_k``. The upload is capped at FLICKD_VIDEO_MAX_UPLOAD_BYTES while
 (``api_errors.BodySizeLimit``). Then:
 
 * a result already stored for this video (its SHA-256) under the served index's model version
-  → 200 with it, at once (header ``X-Flickd-Result: stored``);
+  and the same ``top_k`` → 200 with it, at once (header ``X-Flickd-Result: stored``); the
+  video's header is still read first, so what this deployment's limits refuse stays refused;
 * a clip up to FLICKD_VIDEO_INLINE_SECONDS long (or cut to that by the duration cap) → searched
   in the request, stored, 200 with the ``VideoSearchResult`` (``X-Flickd-Result: computed``);
 * a longer one (or one whose length the container does not say) → its bytes go to the blob
@@ -129,12 +130,14 @@ class _Videos:
     def search(self, data: bytes, top_k: int) -> JSONResponse:
         sha256 = hashlib.sha256(data).hexdigest()
         version_id = self._served_version()
-        with session_scope(self.settings) as session:
-            stored = stored_result(session, sha256, version_id, top_k)
-        if stored is not None:
-            return JSONResponse(stored, headers={RESULT_HEADER: "stored"})
         try:
+            # Opening reads the container's header only: a video refused under this
+            # deployment's limits is refused even when a result for it is stored.
             with open_video(data, self.limits) as stream:
+                with session_scope(self.settings) as session:
+                    stored = stored_result(session, sha256, version_id, top_k)
+                if stored is not None:
+                    return JSONResponse(stored, headers={RESULT_HEADER: "stored"})
                 if self._answer_inline(stream):
                     result = VideoSearch(self.service).search_video(stream, sha256, top_k)
                     return self._store(result, top_k)
