@@ -23,7 +23,8 @@ import redis
 import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
-from sqlalchemy import func, select as sql_select
+from sqlalchemy import func
+from sqlalchemy import select as sql_select
 
 from db.schema import VideoSearchJob
 from db.session import session_scope
