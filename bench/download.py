@@ -28,6 +28,7 @@ from bench.common import (
     machine,
     scratch_postgres,
     stop_children_on_sigterm,
+    tree_cpu_seconds,
     truncate,
 )
 from flickd.core.settings import Settings
@@ -59,7 +60,8 @@ def run(
     base_url: str,
     names: list[str],
     work: Path,
-) -> float:
+) -> tuple[float, float]:
+    """(images/s, CPU ms per image in the worker processes) of one run."""
     from db.runs import wait_for_run
     from producer.ingest import ingest
 
@@ -77,17 +79,18 @@ def run(
         )
         for i in range(workers)
     ]
-    for proc in procs:
-        proc.__enter__()
+    pids = [proc.__enter__().pid for proc in procs]
     try:
+        cpu_before = sum(tree_cpu_seconds(pid) for pid in pids)
         started = time.perf_counter()
         summary = ingest(feed, settings)
         wait_for_run(settings, summary.run_id, timeout=600, poll=0.05)
         elapsed = time.perf_counter() - started
+        cpu = sum(tree_cpu_seconds(pid) for pid in pids) - cpu_before
     finally:
         for proc in procs:
             proc.__exit__(None, None, None)
-    return n / elapsed
+    return n / elapsed, 1000 * cpu / n
 
 
 # One img2dataset process: fetch its share of the URLs with its own downloader function.
@@ -98,11 +101,12 @@ from img2dataset.downloader import download_image
 urls, threads = json.load(open(sys.argv[1])), int(sys.argv[2])
 print("ready", flush=True)
 sys.stdin.readline()  # start together
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 with ThreadPoolExecutor(threads) as pool:
     got = list(pool.map(lambda r: download_image(r, 10, None, None), enumerate(urls)))
 ok = sum(1 for _, stream, _ in got if stream is not None)
-print(json.dumps({"seconds": time.perf_counter() - t, "ok": ok}), flush=True)
+print(json.dumps({"seconds": time.perf_counter() - t, "ok": ok,
+                  "cpu": time.process_time() - cpu}), flush=True)
 """
 
 
@@ -132,7 +136,8 @@ def img2dataset_raw(python: str, urls: list[str], processes: int, threads: int, 
         json.loads(proc.communicate(timeout=600)[0].strip().splitlines()[-1]) for proc in procs
     ]
     elapsed = time.perf_counter() - started
-    return sum(r["ok"] for r in results) / elapsed, sum(r["ok"] for r in results)
+    ok = sum(r["ok"] for r in results)
+    return ok / elapsed, ok, 1000 * sum(r["cpu"] for r in results) / max(1, ok)
 
 
 def main() -> None:
@@ -179,11 +184,14 @@ def main() -> None:
         server = catalog_server(catalog.images_dir, settings, work / "server.log", args.latency)
         with server as base_url:
             for count in [int(w) for w in args.workers.split(",")]:
-                rate = run(count, args.threads, args.images, settings, base_url, names, work)
+                rate, cpu_ms = run(
+                    count, args.threads, args.images, settings, base_url, names, work
+                )
                 bound = count * args.threads / args.latency
                 print(
                     f"download workers={count} threads/worker={args.threads}: "
-                    f"{rate:,.0f} images/s  (latency bound {bound:,.0f} images/s)"
+                    f"{rate:,.0f} images/s, {cpu_ms:.2f} CPU ms/image in the workers  "
+                    f"(latency bound {bound:,.0f} images/s)"
                 )
                 urls = [
                     f"{base_url}/images/{names[i % len(names)]}?r=i2d{count}-{i}"
@@ -195,8 +203,9 @@ def main() -> None:
                 else:
                     print(
                         f"  img2dataset raw path, {count} processes x {args.threads} threads: "
-                        f"{raw[0]:,.0f} images/s ({raw[1]} fetched; bytes only, nothing "
-                        f"validated or stored)  flickd / img2dataset = {rate / raw[0]:.2f}"
+                        f"{raw[0]:,.0f} images/s, {raw[2]:.2f} CPU ms/image ({raw[1]} fetched; "
+                        f"bytes only, nothing validated or stored)  "
+                        f"flickd / img2dataset = {rate / raw[0]:.2f}"
                     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, String, bindparam, update
 
 from db.schema import PENDING_STATES, Image, ImageState, utcnow
+from db.sql import id_in
 from flickd.core.reasons import FailureReason
 
 
@@ -74,7 +75,7 @@ def claim(conn: Connection, image_ids: Sequence[int], state: str, max_attempts: 
         return []
     table = Image.__table__
     now = utcnow()
-    pending = table.c.id.in_(list(image_ids)) & (table.c.state == state)
+    pending = id_in(conn, table.c.id, image_ids) & (table.c.state == state)
     conn.execute(
         update(table)
         .where(pending, table.c.stage_attempts >= max_attempts)
@@ -98,7 +99,7 @@ def renew(conn: Connection, image_ids: Sequence[int], state: str) -> None:
     table = Image.__table__
     conn.execute(
         update(table)
-        .where(table.c.id.in_(list(image_ids)), table.c.state == state)
+        .where(id_in(conn, table.c.id, image_ids), table.c.state == state)
         .values(updated_at=utcnow())
     )
 
@@ -108,7 +109,7 @@ def record_error(conn: Connection, image_ids: Sequence[int], state: str, error: 
     table = Image.__table__
     conn.execute(
         update(table)
-        .where(table.c.id.in_(list(image_ids)), table.c.state == state)
+        .where(id_in(conn, table.c.id, image_ids), table.c.state == state)
         .values(last_error=error[:1000])
     )
 

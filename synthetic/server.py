@@ -4,6 +4,9 @@ Used by tests, benchmarks and the demo. Routes:
 
 ``/images/<path>``
     Files under ``root_dir`` (never outside it), content type from the extension.
+``/blobs/<name>``
+    Bytes a test registered with ``server.serve_bytes(name, body, content_type)``, served
+    with that Content-Type whatever they are (a video, HTML labelled video/mp4).
 ``/fault/<name>``
     ``404``, ``500`` (forever), ``flaky/<key>/<n>`` (500 for the first n hits per key, then a
     JPEG), ``429/<key>/<seconds>`` (429 + Retry-After once per key, then a JPEG; ``?date=1``
@@ -82,6 +85,11 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every response carries a length or is chunked
     server: _Server
     timeout = 30  # idle keep-alive connections give their thread back eventually
+    # TCP_NODELAY, as nginx and CDNs set it on keep-alive connections: the headers and the body
+    # go out in two writes, and with Nagle on, the body waits for the client's delayed ACK of
+    # the headers (~40 ms) on every reused connection (new connections start in quick-ACK mode,
+    # so only clients that keep connections alive paid it).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: object) -> None:
         if self.server.catalog.verbose:
@@ -107,6 +115,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if path.startswith("/images/"):
                 self._serve_file(path.removeprefix("/images/"))
+            elif path.startswith("/blobs/"):
+                self._serve_blob(path.removeprefix("/blobs/"))
             elif path.startswith("/fault/"):
                 self._fault(path.removeprefix("/fault/").split("/"), hit)
             else:
@@ -149,6 +159,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, b"not found\n", "text/plain")
         ctype = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
         self._send(200, target.read_bytes(), ctype)
+
+    def _serve_blob(self, name: str) -> None:
+        blob = self.server.catalog.blob(name)
+        if blob is None:
+            return self._send(404, b"not found\n", "text/plain")
+        self._send(200, blob[1], blob[0])
 
     def _fault(self, parts: list[str], hit: int) -> None:
         name, args = parts[0], parts[1:]
@@ -280,6 +296,7 @@ class CatalogServer:
         self.latency = latency  # seconds added to every request; may be changed while running
         self.verbose = verbose
         self._hits: Counter[str] = Counter()
+        self._blobs: dict[str, tuple[str, bytes]] = {}
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -334,6 +351,16 @@ class CatalogServer:
     def image_url(self, relative: str) -> str:
         """URL of a file under root_dir."""
         return self.url("images/" + quote(relative))
+
+    def serve_bytes(self, name: str, body: bytes, content_type: str) -> str:
+        """Serve ``body`` at ``/blobs/<name>`` with ``content_type``; returns its URL."""
+        with self._lock:
+            self._blobs[name] = (content_type, body)
+        return self.url("blobs/" + quote(name))
+
+    def blob(self, name: str) -> tuple[str, bytes] | None:
+        with self._lock:
+            return self._blobs.get(name)
 
     # --- request counts ------------------------------------------------------------------------
 

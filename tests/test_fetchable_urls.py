@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-import requests
 import urllib3.util.connection
 from sqlalchemy import func, select
 
@@ -24,7 +23,7 @@ from db.session import session_scope
 from flickd.core.blobstore import BlobStore
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.fetching import netguard
-from flickd.fetching.fetch import fetch, make_session
+from flickd.fetching.fetch import HttpClient, fetch, make_session
 from flickd.fetching.netguard import check_url
 from flickd.fetching.urls import UnfetchableURL, UrlFault, fetchable_url
 from producer.feeds import FeedColumns, InvalidURL, RejectReason, normalize_url, read_feed
@@ -52,7 +51,7 @@ ENCODED = [
     ),
     ("https://a.com/p?q=a+b&r=a%2Bb", "https://a.com/p?q=a+b&r=a%2Bb"),
     ("https://a.com/p?next=http://b.com/y z", "https://a.com/p?next=http://b.com/y%20z"),
-    # IDN hosts: IDNA (UTS #46, non-transitional), as requests encodes them
+    # IDN hosts: IDNA (UTS #46, non-transitional), as requests and browsers encode them
     ("https://bücher.example/ä.jpg", "https://xn--bcher-kva.example/%C3%A4.jpg"),
     ("https://BÜCHER.example/x", "https://xn--bcher-kva.example/x"),
     ("https://Straße.example/x", "https://xn--strae-oqa.example/x"),
@@ -213,7 +212,7 @@ def files_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CatalogSe
 
 
 @pytest.fixture(scope="module")
-def session() -> Iterator[requests.Session]:
+def session() -> Iterator[HttpClient]:
     with make_session(make_settings()) as s:
         yield s
 
@@ -279,7 +278,7 @@ def test_idn_host_resolving_to_a_private_address_is_blocked(
     with pytest.raises(ImageFailure) as info:
         fetch("http://bücher.example/robe rouge.jpg", session, make_settings(allowed_networks=[]))
     assert info.value.reason is FailureReason.BLOCKED_ADDRESS
-    assert asked == ["xn--bcher-kva.example"]  # the host requests would connect to
+    assert asked == ["xn--bcher-kva.example"]  # the host the fetch connects to
     assert f"xn--bcher-kva.example -> {answer}" in info.value.detail
     assert connections == []  # refused before any connection
 

@@ -17,18 +17,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import requests
 from sqlalchemy import Connection, bindparam, select
 
 from db.images import claim, record_failures, transition
 from db.schema import Image, ImageState, utcnow
 from db.session import retrying, session_scope
+from db.sql import id_in
 from flickd.core.blobstore import BlobStore
 from flickd.core.broker import ANALYZE_TASK
 from flickd.core.logs import log_context
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
-from flickd.fetching.fetch import fetch, make_session
+from flickd.fetching.fetch import HttpClient, fetch, make_session
 from flickd.fetching.geometry import GeometryLimits
 from flickd.fetching.imaging import validate_image
 from workers.stage import StageResult, holding
@@ -57,12 +57,12 @@ class _ProcessResources:
 
     _lock = threading.Lock()
     _pid: int | None = None
-    _session: requests.Session | None = None
+    _session: HttpClient | None = None
     _pool: ThreadPoolExecutor | None = None
     _key: tuple[object, ...] | None = None
 
     @classmethod
-    def get(cls, settings: Settings) -> tuple[requests.Session, ThreadPoolExecutor]:
+    def get(cls, settings: Settings) -> tuple[HttpClient, ThreadPoolExecutor]:
         key = (os.getpid(), settings.download_threads, tuple(settings.allowed_networks))
         with cls._lock:
             if cls._key != key:
@@ -80,7 +80,7 @@ def download_one(
     run_id: int | None,
     url: str,
     settings: Settings,
-    session: requests.Session,
+    session: HttpClient,
     blobs: BlobStore,
 ) -> DownloadOutcome:
     """Fetch, validate and store one image; never raises."""
@@ -132,7 +132,7 @@ def claim_queued(image_ids: list[int], settings: Settings) -> list[tuple[int, in
             if not ids:
                 return []
             rows = conn.execute(
-                select(Image.id, Image.run_id, Image.url).where(Image.id.in_(ids))
+                select(Image.id, Image.run_id, Image.url).where(id_in(conn, Image.id, ids))
             ).all()
         return [(row.id, row.run_id, row.url) for row in rows]
 
@@ -220,8 +220,9 @@ def download_stage(image_ids: list[int], settings: Settings) -> StageResult:
     # Read the batch back rather than trusting this delivery's outcomes: if an earlier delivery
     # stored the images and died before handing them on, this one must hand them on.
     with session_scope(settings) as session:
-        rows = session.execute(
-            select(Image.id, Image.run_id, Image.state).where(Image.id.in_(image_ids))
+        conn = session.connection()
+        rows = conn.execute(
+            select(Image.id, Image.run_id, Image.state).where(id_in(conn, Image.id, image_ids))
         ).all()
     result = StageResult(run_ids={row.run_id for row in rows})
     if settings.last_stage == "analyze":

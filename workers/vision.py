@@ -30,6 +30,7 @@ from db.images import claim, record_failures, transition
 from db.schema import Crop as CropRow
 from db.schema import Image, ImageState, Product, utcnow
 from db.session import retrying, session_scope
+from db.sql import id_in
 from db.versions import active_embedder, embedder_version_id
 from db.versions import dialect_insert as _insert
 from flickd.core.blobstore import BlobStore
@@ -115,10 +116,12 @@ def _claim_batch(image_ids: list[int], settings: Settings) -> tuple[list[_Item],
             rows = conn.execute(
                 select(Image.id, Image.run_id, Image.blob_key, Product.category)
                 .join(Product, Product.id == Image.product_id)
-                .where(Image.id.in_(ids))
+                .where(id_in(conn, Image.id, ids))
                 .order_by(Image.id)
             ).all()
-            run_ids = set(conn.scalars(select(Image.run_id).where(Image.id.in_(image_ids))))
+            run_ids = set(
+                conn.scalars(select(Image.run_id).where(id_in(conn, Image.id, image_ids)))
+            )
         return [_Item(r.id, r.run_id, r.blob_key, r.category) for r in rows], run_ids
 
     return retrying(step)

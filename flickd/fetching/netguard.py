@@ -4,7 +4,7 @@ Two layers, because either alone is bypassable:
 
 1. ``check_url`` refuses a URL before any connection when its host resolves to a non-public
    address. This also runs on every redirect hop, so a public URL cannot bounce us inward.
-2. ``GuardedAdapter`` re-checks the address the socket *actually* connected to. Between our
+2. ``GuardedPoolManager`` re-checks the address the socket *actually* connected to. Between our
    resolution and urllib3's own, DNS can change its answer (rebinding); the peer address
    cannot lie.
 """
@@ -16,9 +16,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from requests.adapters import HTTPAdapter
-from requests.exceptions import InvalidURL, MissingSchema
-from requests.models import PreparedRequest
+from urllib3 import PoolManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import LocationParseError
@@ -26,6 +24,7 @@ from urllib3.util import parse_url
 
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
+from flickd.fetching.urls import UnfetchableURL, fetchable_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -109,7 +108,11 @@ def _invalid(url: str, why: str) -> ImageFailure:
 
 
 def _parse(url: str) -> tuple[str, int]:
-    """(host, port) exactly as requests will connect, or INVALID_URL."""
+    """(host, port) exactly as the fetch connects, or INVALID_URL.
+
+    The URL is first encoded as fetch requests it (``fetchable_url``: percent-encoding, IDNA)
+    and then split by urllib3's own parser, the one the connection pool uses: a parser
+    differential here would be an SSRF bypass."""
     try:
         original = parse_url(url)
     except (LocationParseError, ValueError) as exc:
@@ -117,15 +120,11 @@ def _parse(url: str) -> tuple[str, int]:
     scheme = (original.scheme or "").lower()
     if scheme not in ALLOWED_SCHEMES:
         raise _invalid(url, f"scheme {scheme or 'missing'!r} not allowed")
-    if original.port == 0:  # requests would silently drop it and use the default port
+    if original.port == 0:  # an HTTP client would silently use the default port
         raise _invalid(url, "bad port 0")
-    # Normalise through requests itself (IDNA, percent-encoding) so the host we check is the
-    # host it connects to: a parser differential here would be an SSRF bypass.
-    prepared = PreparedRequest()
     try:
-        prepared.prepare_url(url, None)
-        parsed = parse_url(prepared.url or "")
-    except (InvalidURL, MissingSchema, LocationParseError, ValueError, UnicodeError) as exc:
+        parsed = parse_url(fetchable_url(url))
+    except (UnfetchableURL, LocationParseError, ValueError, UnicodeError) as exc:
         raise _invalid(url, f"malformed URL ({exc})") from None
     host = (parsed.host or "").strip("[]")
     if not host:
@@ -220,26 +219,15 @@ def _guarded_pool_classes(
     return {"http": http_pool, "https": https_pool}
 
 
-class GuardedAdapter(HTTPAdapter):
-    """An HTTPAdapter whose every new connection refuses non-public peers.
+class GuardedPoolManager(PoolManager):
+    """A urllib3 PoolManager whose every new connection refuses non-public peers.
 
-    Proxies are not supported (the peer would be the proxy); fetch sessions ignore the
-    environment's proxy settings.
+    It never goes through a proxy (the peer would be the proxy, and the post-connect check
+    void): unlike requests, urllib3 does not read proxies from the environment.
     """
 
-    # Pickled attributes (requests rebuilds the pool manager on unpickle and needs the list).
-    __attrs__: list[str] = [*HTTPAdapter.__attrs__, "allowed_networks"]
-
     def __init__(self, allowed_networks: Sequence[IPNetwork] = (), **kwargs: Any) -> None:
-        # Set before super().__init__, which calls init_poolmanager.
-        self.allowed_networks: tuple[IPNetwork, ...] = tuple(allowed_networks)
         super().__init__(**kwargs)
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, **kwargs)
+        self.allowed_networks: tuple[IPNetwork, ...] = tuple(allowed_networks)
         # A fresh dict: PoolManager's default is the module-level one, shared process-wide.
-        self.poolmanager.pool_classes_by_scheme = _guarded_pool_classes(self.allowed_networks)
-
-    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
-        # Through a proxy the peer is the proxy and the post-connect check would be void.
-        raise RuntimeError("GuardedAdapter does not support proxies")
+        self.pool_classes_by_scheme = _guarded_pool_classes(self.allowed_networks)

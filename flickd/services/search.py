@@ -22,7 +22,6 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import requests
 from PIL import Image as PILImage
 from pydantic import BaseModel
 from sqlalchemy import select
@@ -32,7 +31,7 @@ from db.session import session_scope
 from db.versions import active_embedder
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
-from flickd.fetching.fetch import fetch, make_session
+from flickd.fetching.fetch import HttpClient, fetch, make_session
 from flickd.fetching.geometry import (
     BoundedImage,
     GeometryLimits,
@@ -199,7 +198,7 @@ class SearchService:
         self._model_lock = threading.Lock()
         self._versions: dict[int, _Version] = {}
         self._warned: set[int] = set()
-        self._session: requests.Session | None = None
+        self._session: HttpClient | None = None
         self._session_lock = threading.Lock()
 
     # --- public ----------------------------------------------------------------------------
@@ -372,7 +371,7 @@ class SearchService:
         )
         return crops[: max(1, self.settings.search_max_items)], notes
 
-    def _http(self) -> requests.Session:
+    def _http(self) -> HttpClient:
         with self._session_lock:
             if self._session is None:
                 self._session = make_session(self.settings)
