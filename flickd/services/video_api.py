@@ -29,7 +29,6 @@ import logging
 import threading
 from typing import Annotated, Any
 
-import requests
 from fastapi import FastAPI, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -40,7 +39,7 @@ from flickd.core.blobstore import BlobStore
 from flickd.core.broker import BROKER_ERRORS, VIDEO_SEARCH_TASK, send
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
-from flickd.fetching.fetch import make_session
+from flickd.fetching.fetch import HttpClient, make_session
 from flickd.fetching.video import VideoLimits, VideoStream, fetch_video, open_video
 from flickd.services.api_errors import ApiError, ErrorBody
 from flickd.services.search import SearchService, SearchUnavailable
@@ -102,7 +101,7 @@ class _Videos:
         self.service = service
         self.blobs = BlobStore(settings.blob_dir)
         self.limits = VideoLimits.from_settings(settings)
-        self._session: requests.Session | None = None
+        self._session: HttpClient | None = None
         self._session_lock = threading.Lock()
 
     def read(self, file: UploadFile | None, url: str | None) -> bytes:
@@ -207,7 +206,7 @@ class _Videos:
             raise ApiError(503, "search_unavailable", str(status.get("detail")))
         return int(status["model_version_id"])
 
-    def _http(self) -> requests.Session:
+    def _http(self) -> HttpClient:
         with self._session_lock:
             if self._session is None:
                 self._session = make_session(self.settings)
