@@ -270,3 +270,46 @@ def test_dns_rebinding_is_caught_after_connect(
     assert "127.0.0.1" in info.value.detail
     assert info.value.attempts == 1  # type: ignore[attr-defined]  # never retried
     assert server.hits(path) == 0
+
+
+# --- the pre-connect check's short-lived resolution cache -----------------------------------
+
+
+def test_resolution_is_cached_briefly_and_failures_never(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    clock = [1000.0]
+
+    def counting(host: str, port: int) -> list[netguard.IPAddress]:
+        calls.append(host)
+        if host == "flaky.example":
+            raise socket.gaierror(socket.EAI_AGAIN, "temporary failure")
+        return [ipaddress.ip_address("93.184.216.34")]
+
+    monkeypatch.setattr(netguard, "resolve", counting)
+    monkeypatch.setattr(netguard.time, "monotonic", lambda: clock[0])
+    settings = make_settings()
+    for _ in range(3):
+        check_url("http://cdn.example/a.jpg", settings)
+    assert calls == ["cdn.example"]  # one lookup serves the batch
+    clock[0] += netguard.RESOLVE_TTL + 1
+    check_url("http://cdn.example/b.jpg", settings)
+    assert calls == ["cdn.example", "cdn.example"]  # expired: asked again
+    for _ in range(2):
+        with pytest.raises(ImageFailure):
+            check_url("http://flaky.example/a.jpg", settings)
+    assert calls.count("flaky.example") == 2  # a failed lookup is not remembered
+
+
+def test_cached_public_answer_does_not_let_a_rebound_connection_through(
+    server: CatalogServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pre-check is answered from the cache ("public"), the socket lands on loopback: the
+    # peer check still refuses it before a byte is sent.
+    _fake_dns(monkeypatch, "93.184.216.34")
+    settings = make_settings(allowed_networks=[])
+    check_url(server.url("fault/jpeg/cached"), settings)  # fills the cache
+    path = "/fault/jpeg/cached-rebinding"
+    with pytest.raises(ImageFailure) as info:
+        fetch(server.url(path), make_session(settings), settings)
+    assert info.value.reason is FailureReason.BLOCKED_ADDRESS
+    assert server.hits(path) == 0

@@ -7,14 +7,18 @@ Paths never come from feed values, identical images are stored once, and a write
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-import tempfile
+import threading
 from pathlib import Path
+
+_sequence = itertools.count()
 
 
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._folders: set[Path] = set()
 
     @staticmethod
     def key_for(data: bytes) -> str:
@@ -30,14 +34,25 @@ class BlobStore:
         target = self.path(key)
         if target.exists():
             return key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        folder = target.parent
+        if folder not in self._folders:  # one mkdir per folder per process, not per blob
+            folder.mkdir(parents=True, exist_ok=True)
+            self._folders.add(folder)
+        # A name no other writer uses (process, thread, sequence): cheaper than mkstemp's
+        # random names, and still opened with O_EXCL.
+        tmp = folder / f".tmp-{os.getpid()}-{threading.get_ident()}-{next(_sequence)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
+            try:
+                fd = os.open(tmp, flags, 0o644)
+            except FileNotFoundError:  # the folder was removed since (a wiped cache)
+                folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, flags, 0o644)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return key
 

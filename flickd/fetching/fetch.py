@@ -152,7 +152,7 @@ def _attempt(
     current = _fetchable(url)
     seen = {current}
     for _hop in range(settings.max_redirects + 1):
-        check_url(current, settings)  # before every connection, redirects included
+        check_url(current, settings, encoded=True)  # before every connection, redirects too
         response = _request(session, current, settings, deadline, clock)
         try:
             target = _redirect_target(response, current)

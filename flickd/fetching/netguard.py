@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -107,12 +110,12 @@ def _invalid(url: str, why: str) -> ImageFailure:
     return ImageFailure(FailureReason.INVALID_URL, f"{why}: {url[:200]}")
 
 
-def _parse(url: str) -> tuple[str, int]:
+def _parse(url: str, encoded: bool = False) -> tuple[str, int]:
     """(host, port) exactly as the fetch connects, or INVALID_URL.
 
-    The URL is first encoded as fetch requests it (``fetchable_url``: percent-encoding, IDNA)
-    and then split by urllib3's own parser, the one the connection pool uses: a parser
-    differential here would be an SSRF bypass."""
+    The URL is first encoded as fetch requests it (``fetchable_url``: percent-encoding, IDNA;
+    skipped when the caller says it already is) and then split by urllib3's own parser, the
+    one the connection pool uses: a parser differential here would be an SSRF bypass."""
     try:
         original = parse_url(url)
     except (LocationParseError, ValueError) as exc:
@@ -122,10 +125,13 @@ def _parse(url: str) -> tuple[str, int]:
         raise _invalid(url, f"scheme {scheme or 'missing'!r} not allowed")
     if original.port == 0:  # an HTTP client would silently use the default port
         raise _invalid(url, "bad port 0")
-    try:
-        parsed = parse_url(fetchable_url(url))
-    except (UnfetchableURL, LocationParseError, ValueError, UnicodeError) as exc:
-        raise _invalid(url, f"malformed URL ({exc})") from None
+    if encoded:
+        parsed = original
+    else:
+        try:
+            parsed = parse_url(fetchable_url(url))
+        except (UnfetchableURL, LocationParseError, ValueError, UnicodeError) as exc:
+            raise _invalid(url, f"malformed URL ({exc})") from None
     host = (parsed.host or "").strip("[]")
     if not host:
         raise _invalid(url, "no host")
@@ -135,16 +141,43 @@ def _parse(url: str) -> tuple[str, int]:
     return host, port
 
 
-def check_url(url: str, settings: Settings) -> list[IPAddress]:
+# The pre-connect check's answers, kept a short while: a catalog batch asks about the same few
+# hosts thousands of times, and getaddrinfo per image was a tenth of a download worker's CPU.
+# A stale answer cannot let a connection through: the peer check below runs on every new
+# connection, whatever this cache said. Failures are never cached.
+RESOLVE_TTL = 60.0
+RESOLVE_CACHE_SIZE = 4096
+_resolved: OrderedDict[tuple[object, str, int], tuple[float, list[IPAddress]]] = OrderedDict()
+_resolved_lock = threading.Lock()
+
+
+def _resolve_cached(host: str, port: int) -> list[IPAddress]:
+    key = (resolve, host, port)  # a substituted resolver (tests) never sees older answers
+    now = time.monotonic()
+    with _resolved_lock:
+        hit = _resolved.get(key)
+        if hit is not None and now - hit[0] < RESOLVE_TTL:
+            _resolved.move_to_end(key)
+            return hit[1]
+    addresses = resolve(host, port)
+    with _resolved_lock:
+        _resolved[key] = (now, addresses)
+        _resolved.move_to_end(key)
+        while len(_resolved) > RESOLVE_CACHE_SIZE:
+            _resolved.popitem(last=False)
+    return addresses
+
+
+def check_url(url: str, settings: Settings, *, encoded: bool = False) -> list[IPAddress]:
     """Refuse ``url`` unless it is http(s) and every address its host resolves to is public.
 
     Returns the resolved addresses. Raises ImageFailure with INVALID_URL, BLOCKED_ADDRESS or
     CONNECTION_ERROR (name resolution failed). *Any* bad address refuses the URL: the
-    connection may pick any of them.
+    connection may pick any of them. ``encoded``: the URL is already ``fetchable_url``'s form.
     """
-    host, port = _parse(url)
+    host, port = _parse(url, encoded)
     try:
-        addresses = resolve(host, port)
+        addresses = _resolve_cached(host, port)
     except socket.gaierror as exc:
         # "No such name" will not fix itself; a resolver hiccup (EAI_AGAIN) might.
         permanent = exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None))
