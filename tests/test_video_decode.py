@@ -10,6 +10,7 @@ import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import pytest
 from PIL import Image
 
@@ -43,7 +44,8 @@ from tests.conftest_download import make_settings
 
 catalog = catalog_fixture(4, seed=5, dirname="video_catalog")
 
-LIMITS = VideoLimits.from_settings(Settings())
+# The rate rule alone (no motion gate): every frame due at max_fps is kept.
+LIMITS = dataclasses.replace(VideoLimits.from_settings(Settings()), motion_threshold=0.0)
 FPS = 12
 # (codec, container PyAV names, decoder)
 FORMATS = [
@@ -139,6 +141,42 @@ def test_sampling_keeps_at_most_max_fps_frames_a_second(mp4: bytes, max_fps: flo
     duration = video.info.duration_s  # type: ignore[attr-defined]
     assert len(frames) == pytest.approx(duration * max_fps, abs=1)
     assert [f.scene_change for f in frames] == [True] + [False] * (len(frames) - 1)
+
+
+def test_the_motion_gate_samples_a_still_scene_once_per_refresh_and_keeps_every_cut(
+    clips: dict[str, ClipTruth], tmp_path: Path
+) -> None:
+    # One still shot (no pan, no zoom, no noise) then a cut to another.
+    still = Image.new("RGB", (160, 120), (200, 40, 40))
+    other = Image.new("RGB", (160, 120), (30, 60, 200))
+    path = tmp_path / "still.mp4"
+    container = av.open(str(path), "w")
+    stream = container.add_stream("libx264", rate=FPS)
+    stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+    for n in range(FPS * 6):  # 4 s still, then 2 s of the other colour
+        picture = still if n < FPS * 4 else other
+        for packet in stream.encode(av.VideoFrame.from_image(picture)):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    gated = dataclasses.replace(LIMITS, motion_threshold=0.06, min_fps=0.5)
+    frames, _ = _decode(path, gated)
+    # Kept: the first frame, a refresh every 2 s of stillness, and the cut at 4 s.
+    assert [(round(f.timestamp, 2), f.scene_change) for f in frames] == [
+        (0.0, True),
+        (2.0, False),
+        (4.0, True),
+    ]
+    ungated, _ = _decode(path, dataclasses.replace(LIMITS, max_fps=2.0))
+    assert len(ungated) == 12  # without the gate: every half second
+    # On a real shot (slow pans and zooms, noise) the gate still keeps every cut.
+    truth = clips["h264"]
+    kept, _ = _decode(truth.path, dataclasses.replace(LIMITS, motion_threshold=0.06, min_fps=0.25))
+    rate_only, _ = _decode(truth.path)
+    numbers = {f.frame_number for f in kept if f.scene_change}
+    assert all(round(cut * FPS) in numbers for cut in truth.cut_times())
+    assert len(kept) < len(rate_only)
 
 
 def test_a_frame_is_kept_at_each_cut_between_rate_samples(clips: dict[str, ClipTruth]) -> None:

@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     # colour-histogram distance from the last kept frame is at least the threshold (0..1).
     video_max_fps: float = 2.0
     video_scene_threshold: float = 0.35
+    # Between scene changes, a frame due at video_max_fps is kept only when its grey thumbnail
+    # moved at least this much (mean absolute difference, 0..1; 0 keeps every due frame) from
+    # the last kept frame, or when 1/video_min_fps seconds passed (0: never by age alone).
+    video_motion_threshold: float = 0.06
+    video_min_fps: float = 0.25
     # Hard caps: a longer clip is analysed up to the cap and the result says so; a frame over
     # the pixel cap is refused (video_too_large); bytes are counted while they stream in.
     video_max_seconds: float = 600.0

@@ -10,7 +10,13 @@ exception leaves this module.
 Sampling (:meth:`VideoStream.frames`) keeps at most ``max_fps`` frames per second, plus the
 frame at each scene change: the colour-histogram distance of a small thumbnail from the last
 kept frame's is at least ``scene_threshold``. The first frame is kept and marked a scene change
-(it starts the first scene).
+(it starts the first scene). Between scene changes, a frame due at ``max_fps`` is kept only when
+the picture moved: the mean absolute difference of its grey thumbnail from the last kept
+frame's is at least ``motion_threshold`` (0 keeps every due frame), or when ``1/min_fps``
+seconds passed since the last kept frame. A product held still on screen for three seconds is
+then analysed once or twice, not six times; a moving camera keeps the full rate. On the
+synthetic clips (slow pans and zooms, mild noise) frames half a second apart within a shot
+differ by 0.013-0.06, and across a cut by 0.12-0.28.
 
 Why every frame is decoded, with no keyframe seeking: a scene change can happen at any frame,
 so every frame has to be looked at, and an inter-coded frame cannot be decoded without the
@@ -97,6 +103,8 @@ class VideoLimits:
     max_frames: int
     max_pixels: int
     max_bytes: int
+    motion_threshold: float = 0.0  # 0: every frame due at max_fps is kept
+    min_fps: float = 0.0  # 0: no refresh; a still scene is sampled once
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VideoLimits:
@@ -107,6 +115,8 @@ class VideoLimits:
             max_frames=settings.video_max_frames,
             max_pixels=settings.video_max_pixels,
             max_bytes=settings.video_max_upload_bytes,
+            motion_threshold=settings.video_motion_threshold,
+            min_fps=settings.video_min_fps,
         )
 
 
@@ -400,6 +410,8 @@ class _Sampler:
         self.last_time: float | None = None
         self.last_kept_time: float | None = None
         self.last_kept_hist: np.ndarray | None = None
+        self.last_kept_grey: np.ndarray | None = None
+        self.max_still = 1.0 / limits.min_fps if limits.min_fps > 0 else math.inf
         self.previous_hist: np.ndarray | None = None  # of the frame decoded before
         self.in_transition = False  # inside a gradual scene change (see _scene_change)
         self.read_error: str | None = None
@@ -461,11 +473,15 @@ class _Sampler:
         if frame.width * frame.height > limits.max_pixels:
             self.oversized += 1
             return None
-        hist = _histogram(frame)
+        thumb = _thumbnail(frame)
+        hist = _histogram(thumb)
+        grey = thumb.mean(axis=2)
         scene = self._scene_change(hist)
         due = self.last_kept_time is None or (
             t - self.last_kept_time >= self.min_gap - self.frame_interval / 2
         )
+        if due and not scene and not self._moved_or_stale(grey, t):
+            return None
         if not (scene or due):
             return None
         if report.frames_sampled >= limits.max_frames:
@@ -485,8 +501,18 @@ class _Sampler:
         )
         report.frames_sampled += 1
         report.scene_changes += int(scene)
-        self.last_kept_time, self.last_kept_hist = t, hist
+        self.last_kept_time, self.last_kept_hist, self.last_kept_grey = t, hist, grey
         return sampled
+
+    def _moved_or_stale(self, grey: np.ndarray, t: float) -> bool:
+        """Whether a frame due at max_fps is worth keeping: the picture moved since the last
+        kept frame, or that frame is older than 1/min_fps."""
+        threshold = self.limits.motion_threshold
+        if threshold <= 0 or self.last_kept_grey is None or self.last_kept_time is None:
+            return True
+        if t - self.last_kept_time >= self.max_still - self.frame_interval / 2:
+            return True
+        return float(np.abs(grey - self.last_kept_grey).mean()) / 255 >= threshold
 
     def _scene_change(self, hist: np.ndarray) -> bool:
         """Whether this frame starts a scene: its distance from the last kept frame is at least
@@ -595,12 +621,17 @@ class _Sampler:
         raise VideoFailure(FailureReason.NO_DECODABLE_FRAMES, detail)
 
 
-def _histogram(frame: Any) -> np.ndarray:
-    """Per-channel colour histogram of a small AREA-scaled thumbnail, each summing to 1."""
+def _thumbnail(frame: Any) -> np.ndarray:
+    """A small AREA-scaled RGB thumbnail (THUMB_WIDTH wide) of a decoded frame."""
     height = max(8, round(THUMB_WIDTH * frame.height / max(1, frame.width)))
-    thumb = frame.reformat(
+    thumb: np.ndarray = frame.reformat(
         width=THUMB_WIDTH, height=height, format="rgb24", interpolation="AREA"
     ).to_ndarray()
+    return thumb
+
+
+def _histogram(thumb: np.ndarray) -> np.ndarray:
+    """Per-channel colour histogram of a thumbnail, each summing to 1."""
     bins = (thumb.reshape(-1, 3) >> 4).astype(np.intp)  # 256 levels -> 16 bins
     counts = np.stack([np.bincount(bins[:, c], minlength=HIST_BINS) for c in range(3)])
     return counts / bins.shape[0]
