@@ -136,7 +136,8 @@ def _probe_storage(settings: Settings, timeout: float) -> str:
     text = f"{result}".split(": cannot ", 1)[-1][:300]
     if "bucket" in text.lower() and ("not exist" in text.lower() or "NoSuchBucket" in text):
         raise config_error(f"FLICKD_STORAGE_URL={url}: the bucket does not exist: create it")
-    if isinstance(result.__cause__ or result, PermissionError) or "denied" in text.lower():
+    local = url.startswith("file://") and isinstance(result, OSError)
+    if local or isinstance(result.__cause__ or result, PermissionError) or "denied" in text.lower():
         raise config_error(f"FLICKD_STORAGE_URL={url}: not writable by these credentials: {text}")
     raise unreachable(f"FLICKD_STORAGE_URL={url}: cannot reach the storage: {text}")
 
