@@ -19,6 +19,8 @@ RECONCILER_ACTIONS = (
     "producers_lost",
     "finalize_redriven",
     "builds_redriven",
+    "video_jobs_redriven",
+    "video_jobs_exhausted",
 )
 
 

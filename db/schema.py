@@ -3,6 +3,7 @@
     IngestRun ─┬─< RejectedRow            (rows the producer refused, with the reason)
                └─< Image >── Product      (one row per (product, image URL))
                      └─< Crop ─< Embedding >── ModelVersion ──< IndexBuild
+                                                     └──< VideoSearchJob  (a video's result)
 
 Every write that can be repeated (a feed ingested twice, a task delivered twice) is keyed by a
 unique constraint and done with ``INSERT … ON CONFLICT``, so repeating it creates nothing new.
@@ -99,6 +100,19 @@ class IndexBuildStatus(StrEnum):
     BUILDING = "building"  # claimed by one worker
     READY = "ready"
     FAILED = "failed"  # re-driven FLICKD_MAX_STAGE_ATTEMPTS times without finishing
+
+
+class VideoJobStatus(StrEnum):
+    """A video search: queued (its message is on the gpu queue), running (claimed by one
+    worker, which renews its heartbeat), then done (the result is stored) or failed."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+VIDEO_JOB_PENDING = (VideoJobStatus.QUEUED.value, VideoJobStatus.RUNNING.value)
 
 
 class Base(DeclarativeBase):
@@ -299,6 +313,48 @@ class IndexBuild(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # Last progress while pending (a re-embedding batch landed) or building (heartbeat).
     updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class VideoSearchJob(Base):
+    """One video searched under one embedder: the stored result, and the job that makes it.
+
+    Keyed by the video's SHA-256, the model version of the index it was searched in and the
+    number of matches asked per track, so asking again is answered from this row. A clip short
+    enough to answer in the request is stored ``done`` at once; a longer one is a job.
+    """
+
+    __tablename__ = "video_search_jobs"
+    __table_args__ = (
+        UniqueConstraint("sha256", "model_version_id", "top_k"),
+        # The reconciler's question, "which jobs stalled?": only the pending rows.
+        Index(
+            "ix_video_search_jobs_pending_progress",
+            "status",
+            "updated_at",
+            postgresql_where=text("status IN ('queued', 'running')"),
+            sqlite_where=text("status IN ('queued', 'running')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    top_k: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=VideoJobStatus.QUEUED.value)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    # Claims so far (each delivery that started the job); bounded by FLICKD_MAX_STAGE_ATTEMPTS.
+    # The claim number is also the holder's token: only the current holder may finish the job.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    blob_key: Mapped[str | None] = mapped_column(String(80))  # the video bytes, while pending
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # a VideoSearchResult
+    reason: Mapped[str | None] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text)
+    last_error: Mapped[str | None] = mapped_column(Text)  # why the last attempt did not finish
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Last progress: the claim, a progress report or the heartbeat of the worker holding it.
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ReconcilerCounter(Base):

@@ -294,10 +294,12 @@ def test_compose_smoke(pg_settings, tiny_models, catalog, tmp_path):
     with ExitStack() as stack, CatalogServer(catalog.root / "images") as server:
         # Start everything first and only then wait: the processes boot in parallel.
         for name, cmd in {
-            "download-1": _local("download-worker", name="download-1"),
+            # One download worker and the gpu worker keep their default node names
+            # (download@%h, gpu@%h): on one host they must still be two nodes.
+            "download-1": _local("download-worker"),
             "download-2": _local("download-worker", name="download-2"),
-            "gpu": _local("gpu-worker", name="gpu"),
-            "scheduler": _local("scheduler", name="scheduler"),
+            "gpu": _local("gpu-worker"),
+            "scheduler": _local("scheduler"),
         }.items():
             log = logs / f"{name}.log"
             proc = _start(stack, cmd, settings, log)
@@ -328,7 +330,7 @@ def test_compose_smoke(pg_settings, tiny_models, catalog, tmp_path):
         status, workers = flower_get(flower_port, "/api/workers?refresh=1", auth="ops:smoke")
         assert status == 200
         assert {w.split("@")[0] for w in workers} == {
-            "download-1",
+            "download",
             "download-2",
             "gpu",
             "scheduler",

@@ -17,6 +17,10 @@ what is moving, and sends again whatever stalled (the Kubernetes controller patt
   stopped, are sent again; the claim (db.runs.claim_finalize) lets exactly one delivery run.
 * **index builds** waiting on a re-embedding that stalled get the missing crops sent again;
   a build whose builder died goes back to pending and is claimed anew.
+* **video jobs** (a long clip's search, ``flickd.video_search``) queued or running without
+  progress for a lease go back to ``queued`` and are sent again by task name (the task lives
+  with the services, which this layer must not import); the claim (db.videos.claim_job) lets
+  one delivery work, and past FLICKD_MAX_STAGE_ATTEMPTS the job fails ``attempts_exhausted``.
 
 Every re-drive is safe while the original is still in flight: every write is keyed or guarded
 by state, so a second delivery writes nothing twice. Each pass is a handful of bounded,
@@ -48,6 +52,7 @@ from db.schema import (
     utcnow,
 )
 from db.session import get_engine, session_scope
+from db.videos import fail_exhausted_jobs, take_stalled_jobs
 from flickd.core.broker import (
     ANALYZE_TASK,
     DOWNLOAD_QUEUE,
@@ -55,6 +60,7 @@ from flickd.core.broker import (
     EMBED_TASK,
     FINALIZE_TASK,
     GPU_QUEUE,
+    VIDEO_SEARCH_TASK,
     enqueue,
     oldest_waiting,
     send,
@@ -78,6 +84,8 @@ class ReconcileReport:
     runs_closed: list[int] = field(default_factory=list)
     finalize_redriven: list[int] = field(default_factory=list)
     builds_redriven: list[int] = field(default_factory=list)
+    video_jobs_redriven: list[int] = field(default_factory=list)
+    video_jobs_exhausted: list[int] = field(default_factory=list)
     skipped: bool = False  # another pass held the lock
 
     def counts(self) -> dict[str, int]:
@@ -89,6 +97,8 @@ class ReconcileReport:
             "runs_closed": len(self.runs_closed),
             "finalize_redriven": len(self.finalize_redriven),
             "builds_redriven": len(self.builds_redriven),
+            "video_jobs_redriven": len(self.video_jobs_redriven),
+            "video_jobs_exhausted": len(self.video_jobs_exhausted),
         }
 
     def to_dict(self) -> dict[str, object]:
@@ -156,6 +166,7 @@ def reconcile_once(settings: Settings, *, ignore_queues: bool = False) -> Reconc
         if settings.finalize_enabled:
             report.finalize_redriven = _redrive_finalize(settings, cutoffs[GPU_QUEUE])
             report.builds_redriven = _redrive_builds(settings, cutoffs[GPU_QUEUE], lease)
+        _redrive_video_jobs(settings, cutoffs[GPU_QUEUE], report)
         with session_scope(settings) as session:
             add_counts(session.connection(), report.counts())
     if any(report.counts().values()):
@@ -306,3 +317,16 @@ def _redrive_builds(settings: Settings, before: datetime, lease: datetime) -> li
         redriven.append(build_id)
         log.warning("re-driven index build build_id=%s missing_crops=%d", build_id, len(missing))
     return redriven
+
+
+def _redrive_video_jobs(settings: Settings, before: datetime, report: ReconcileReport) -> None:
+    """Video jobs whose message was lost or whose worker died: sent again, one message each."""
+    with session_scope(settings) as session:
+        conn = session.connection()
+        report.video_jobs_exhausted = fail_exhausted_jobs(conn, before, settings.max_stage_attempts)
+        report.video_jobs_redriven = take_stalled_jobs(conn, before, settings.reconcile_batch_limit)
+    if report.video_jobs_redriven:
+        send(VIDEO_SEARCH_TASK, [[job_id] for job_id in report.video_jobs_redriven], settings)
+        log.warning("re-driven stalled video jobs jobs=%s", report.video_jobs_redriven)
+    for job_id in report.video_jobs_exhausted:
+        log.error("video job %s failed: out of attempts", job_id)

@@ -26,7 +26,8 @@ def _echo_report(report: object, as_json: bool) -> None:
     click.echo(
         "re-enqueued {requeued_download} download and {requeued_analyze} analysis image(s); "
         "{exhausted} out of attempts; {runs_closed} run(s) finished; {finalize_redriven} final "
-        "task(s) and {builds_redriven} index build(s) re-driven; {producers_lost} lost "
+        "task(s), {builds_redriven} index build(s) and {video_jobs_redriven} video job(s) "
+        "re-driven; {video_jobs_exhausted} video job(s) out of attempts; {producers_lost} lost "
         "producer(s)".format(**counts)
     )
 

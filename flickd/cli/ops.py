@@ -72,7 +72,13 @@ def db_upgrade(settings: Settings, revision: str) -> None:
     default=None,
     help="Worker processes (gpu queue: always 1 per GPU, solo pool).",
 )
-@click.option("--hostname", "-n", default=None)
+@click.option(
+    "--hostname",
+    "-n",
+    default=None,
+    help="Node name. Default: the queues and the host (download@%h, gpu@%h), so that a "
+    "download and a gpu worker on one machine show up as two nodes in Flower.",
+)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @pass_settings
 def worker(
@@ -99,10 +105,16 @@ def worker(
         argv += ["--pool", "solo"]
     elif concurrency:
         argv += ["--concurrency", str(concurrency)]
-    if hostname:
-        argv += ["--hostname", hostname]
+    argv += ["--hostname", hostname or default_node_name(queues)]
     argv += list(celery_args)
     get_app(settings).worker_main(argv)
+
+
+def default_node_name(queues: str) -> str:
+    """``download@%h``, ``gpu@%h``, ``download-gpu@%h``: Celery's own default is
+    ``celery@%h`` for every worker, and nodes of one name on one host are one node to Flower."""
+    names = sorted({q.strip() for q in queues.split(",") if q.strip()})
+    return f"{'-'.join(names) or 'worker'}@%h"
 
 
 def _flower_auth(settings: Settings) -> str:

@@ -3,6 +3,10 @@ product's images and crops)."""
 
 from __future__ import annotations
 
+import hashlib
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +19,28 @@ from flickd.core.settings import Settings
 @click.command()
 @click.option("--image", "image_ref", help="Query image: a file path or an http(s) URL.")
 @click.option("--text", "query_text", help="Query text, e.g. 'a red summer dress'.")
-@click.option("--top-k", "-k", type=click.IntRange(1, 100), default=10, show_default=True)
+@click.option(
+    "--video", "video_ref", help="Query video (MP4, WebM, MOV, GIF): a file path or a URL."
+)
+@click.option(
+    "--top-k",
+    "-k",
+    type=click.IntRange(1, 100),
+    default=None,
+    help="Products per item (image, text: 10) or per track (video: 5).",
+)
 @click.option("--no-detect", is_flag=True, help="Search with the whole image, no detection.")
 @click.option("--json", "as_json", is_flag=True)
 def search(
-    image_ref: str | None, query_text: str | None, top_k: int, no_detect: bool, as_json: bool
+    image_ref: str | None,
+    query_text: str | None,
+    video_ref: str | None,
+    top_k: int | None,
+    no_detect: bool,
+    as_json: bool,
 ) -> None:
-    """Search the index by --image or --text, without a server; results grouped by product."""
+    """Search the index by --image, --text or --video, without a server; results grouped by
+    product (a video's with the time ranges where each product appears)."""
     from flickd.services.search import (
         QueryImageError,
         SearchService,
@@ -29,22 +48,97 @@ def search(
         format_response,
     )
 
-    if (image_ref is None) == (query_text is None):
-        raise click.UsageError("give exactly one of --image or --text")
+    if sum(ref is not None for ref in (image_ref, query_text, video_ref)) != 1:
+        raise click.UsageError("give exactly one of --image, --text or --video")
+    if video_ref is not None and no_detect:
+        raise click.UsageError("--no-detect is for --image (set FLICKD_DETECTOR_MODEL=none)")
     settings = current_settings(schema=True)  # read only once the query is known to be valid
     service = SearchService(settings)
+    if video_ref is not None:
+        _search_video(video_ref, service, settings, top_k or 5, as_json)
+        return
     try:
         if query_text is not None:
-            response = service.search_text(query_text, top_k)
+            response = service.search_text(query_text, top_k or 10)
         else:
             image = _query_image(image_ref or "", service, settings)
-            response = service.search_image(image, top_k, detect=not no_detect)
+            response = service.search_image(image, top_k or 10, detect=not no_detect)
     except (SearchUnavailable, QueryImageError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         echo_json(response.model_dump(mode="json"))
     else:
         click.echo(format_response(response))
+
+
+def _search_video(ref: str, service: Any, settings: Settings, top_k: int, as_json: bool) -> None:
+    """Decode, analyse and search a video; a progress bar on stderr for a long clip."""
+    from flickd.core.reasons import ImageFailure
+    from flickd.fetching.video import VideoLimits, open_video
+    from flickd.services.search import SearchUnavailable
+    from flickd.services.video import VideoSearch, format_video_result
+
+    try:
+        data = _video_bytes(ref, settings)
+        with (
+            open_video(data, VideoLimits.from_settings(settings)) as stream,
+            _video_progress(stream, settings) as progress,
+        ):
+            result = VideoSearch(service).search_video(
+                stream, hashlib.sha256(data).hexdigest(), top_k, progress
+            )
+    except ImageFailure as failure:  # VideoFailure, or the SSRF guard's and fetch's refusals
+        what = failure.reason.value.replace("_", " ")
+        message = f"{what}: {failure.detail}" if failure.detail else what
+        raise click.ClickException(message) from None
+    except SearchUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        echo_json(result.model_dump(mode="json"))
+    else:
+        click.echo(format_video_result(result))
+
+
+def _video_bytes(ref: str, settings: Settings) -> bytes:
+    """A URL is fetched through the SSRF guard (capped while it streams in); anything else is
+    a local file, refused past the upload cap before it is read."""
+    from flickd.core.reasons import FailureReason
+    from flickd.fetching.fetch import make_session
+    from flickd.fetching.video import VideoFailure, fetch_video
+
+    if "://" in ref:
+        return fetch_video(ref, make_session(settings), settings)
+    path = Path(ref).expanduser()
+    if not path.is_file():
+        raise click.ClickException(f"no such video file: {path}")
+    size = path.stat().st_size
+    if size > settings.video_max_upload_bytes:
+        raise VideoFailure(
+            FailureReason.TOO_LARGE,
+            f"{path} is {size} bytes; the limit is {settings.video_max_upload_bytes} "
+            "(FLICKD_VIDEO_MAX_UPLOAD_BYTES)",
+        )
+    return path.read_bytes()
+
+
+@contextmanager
+def _video_progress(stream: Any, settings: Settings) -> Iterator[Callable[[float], None] | None]:
+    """A tqdm bar on stderr, in percent of the clip, when it is longer than
+    FLICKD_VIDEO_INLINE_SECONDS (or of unknown length); nothing for a short clip."""
+    duration = stream.info.duration_s
+    if duration is not None and duration <= settings.video_inline_seconds:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(
+        total=100, desc="video", unit="%", file=sys.stderr, dynamic_ncols=True, leave=False
+    ) as bar:
+
+        def progress(fraction: float) -> None:
+            bar.update(round(100 * fraction) - bar.n)
+
+        yield progress
 
 
 def _query_image(ref: str, service: Any, settings: Settings) -> Any:

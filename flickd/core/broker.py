@@ -34,12 +34,16 @@ ANALYZE_TASK = "flickd.analyze_batch"
 FINALIZE_TASK = "flickd.finalize"
 EMBED_TASK = "flickd.embed_crops"
 RECONCILE_TASK = "flickd.reconcile"
+# A long clip's video search (flickd/services/video_jobs.py): it needs the search service, so
+# it lives with the services; workers load it through ``include`` like the stage tasks.
+VIDEO_SEARCH_TASK = "flickd.video_search"
 
 TASK_QUEUES = {
     DOWNLOAD_TASK: DOWNLOAD_QUEUE,
     ANALYZE_TASK: GPU_QUEUE,
     FINALIZE_TASK: GPU_QUEUE,
     EMBED_TASK: GPU_QUEUE,
+    VIDEO_SEARCH_TASK: GPU_QUEUE,
     RECONCILE_TASK: RECONCILE_QUEUE,
 }
 
@@ -99,7 +103,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_hijack_root_logger": False,
         # The worker code: the tasks, and the pause/resume commands and start-up hooks. Named,
         # not imported: a worker (or an in-process run) loads them, nothing below them does.
-        "include": ["workers.tasks", "workers.control"],
+        "include": ["workers.tasks", "workers.control", "flickd.services.video_jobs"],
         # The reconciler's schedule, run by `flickd scheduler` (Celery beat inside that worker).
         "beat_schedule": {
             "reconcile": {

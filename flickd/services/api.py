@@ -1,4 +1,5 @@
 """The HTTP API and web page: search by text, uploaded image or image URL; products; crops.
+Video search (upload or URL, and its jobs) is in ``video_api.py``.
 
 ``create_app(settings)`` builds the app; ``flickd api`` serves it with uvicorn. Every endpoint is
 a plain ``def``: model calls and database reads block, and FastAPI runs such endpoints in its
@@ -18,18 +19,24 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, HTTPException, Query, Request, Response, UploadFile
+from fastapi import FastAPI, File, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from sqlalchemy import select, text
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from db.products import product_details
 from db.schema import Crop
 from db.session import session_scope
 from flickd.core.blobstore import BlobStore
 from flickd.core.settings import Settings, get_settings
+from flickd.services.api_errors import (
+    MULTIPART_SLACK,
+    ApiError,
+    BodySizeLimit,
+    ErrorBody,
+    error_response,
+)
 from flickd.services.metrics import render_metrics
 from flickd.services.search import (
     QueryImageError,
@@ -38,10 +45,9 @@ from flickd.services.search import (
     SearchUnavailable,
     decode_query_image,
 )
+from flickd.services.video_api import VIDEO_SEARCH_PATH, add_video_routes
 
 WEB_DIR = Path(__file__).parent / "web"
-# Multipart framing (boundaries, part headers, the form field's name) on top of the file.
-MULTIPART_SLACK = 64 * 1024
 MAX_TOP_K = 100
 ACCEPTED_TYPES_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 
@@ -61,68 +67,10 @@ STATUS_BY_REASON: dict[str, int] = {
 UPSTREAM_FAILURE = 502
 
 
-class ApiError(HTTPException):
-    """An error with a machine-readable ``reason`` next to the human ``detail``.
-
-    An HTTPException so that FastAPI re-raises it untouched when it comes out of body parsing
-    (the body-size guard raises it from inside ``receive``).
-    """
-
-    def __init__(self, status_code: int, reason: str, message: str) -> None:
-        super().__init__(status_code=status_code, detail=message)
-        self.reason = reason
-
-
-class ErrorBody(BaseModel):
-    detail: str
-    reason: str
-
-
 class UrlQuery(BaseModel):
     url: str = Field(min_length=1, max_length=2048, description="http(s) URL of an image")
     k: int = Field(10, ge=1, le=MAX_TOP_K, description="products per result list")
     detect: bool = Field(True, description="search per detected item, not the whole image")
-
-
-class BodySizeLimit:
-    """Refuse request bodies over ``max_bytes`` before they are spooled to disk.
-
-    A declared Content-Length is refused up front; a chunked body is counted as it arrives.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await _error_response(self._too_large())(scope, receive, send)
-            return
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self._too_large()
-            return message
-
-        await self.app(scope, counting_receive, send)
-
-    def _too_large(self) -> ApiError:
-        return ApiError(413, "too_large", f"request body exceeds {self.max_bytes} bytes")
-
-
-def _error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(
-        {"detail": error.detail, "reason": error.reason}, status_code=error.status_code
-    )
 
 
 def _query_failed(error: QueryImageError) -> ApiError:
@@ -148,9 +96,14 @@ def create_app(settings: Settings | None = None, service: SearchService | None =
     )
     app.state.settings = settings
     app.state.search = service
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + MULTIPART_SLACK)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_upload_bytes + MULTIPART_SLACK,
+        per_path={VIDEO_SEARCH_PATH: settings.video_max_upload_bytes + MULTIPART_SLACK},
+    )
     app.add_exception_handler(ApiError, _handle_api_error)  # type: ignore[arg-type]  # Starlette types handlers for any Exception; this one gets only ApiError
     _add_search_routes(app, settings, service)
+    add_video_routes(app, settings, service)
     _add_catalog_routes(app, settings, service)
     _add_web_routes(app)
     _add_metrics_routes(app, settings)
@@ -185,7 +138,7 @@ def create_default_app() -> FastAPI:
 
 
 async def _handle_api_error(_request: Request, error: ApiError) -> JSONResponse:
-    return _error_response(error)
+    return error_response(error)
 
 
 # --- search ------------------------------------------------------------------------------------

@@ -33,17 +33,10 @@ from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
 from flickd.core.storage import INDEX, storage_for
 from flickd.fetching.fetch import HttpClient, fetch, make_session
-from flickd.fetching.geometry import (
-    BoundedImage,
-    GeometryLimits,
-    bounded_geometry,
-    check_geometry,
-)
+from flickd.fetching.geometry import GeometryLimits, check_geometry
 from flickd.fetching.imaging import decode_image
+from flickd.services.analysis import AnalysedCrop, analyse_images
 from models import registry
-from models.colour import dominant_colour
-from models.crops import Crop as PlannedCrop
-from models.crops import crop_image, plan_crops
 from models.index import IndexHolder, VectorIndex
 
 if TYPE_CHECKING:
@@ -236,17 +229,11 @@ class SearchService:
         index, version = self._index_and_version()
         embedder = self._embedder(version)
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        crops, notes = self._plan_query_crops(rgb, detect)
-        own = [crop_image(rgb, crop) for crop in crops]
-        limits = GeometryLimits.from_settings(self.settings, [embedder.resize_rule])
-        bounded = [bounded_geometry(pixels, limits) for pixels in own]
-        with self._model_lock:
-            vectors = embedder.embed_images([seen.image for seen in bounded])
-        grouped = self._search_grouped(index, vectors, top_k)
-        items = [
-            _query_item(crop, pixels, hits, _detail(notes, seen))
-            for crop, pixels, seen, hits in zip(crops, own, bounded, grouped, strict=True)
-        ]
+        (analysed,) = analyse_images(
+            [rgb], self.settings, embedder, self._model_lock, detect=detect
+        )
+        grouped = self._search_grouped(index, np.stack([a.vector for a in analysed]), top_k)
+        items = [_query_item(item, hits) for item, hits in zip(analysed, grouped, strict=True)]
         return SearchResponse(
             kind="image",
             model_version_id=version.id,
@@ -341,38 +328,6 @@ class SearchService:
                 version.version,
             )
         return embedder
-
-    def _plan_query_crops(
-        self, image: PILImage.Image, detect: bool
-    ) -> tuple[list[PlannedCrop], list[str]]:
-        """The query's crops (best detector scores first), and notes for every item's detail.
-        The detector sees the image with its geometry bounded; if it fails on the image, the
-        whole image is searched."""
-        detector = registry.get_detector(self.settings) if detect else None
-        detections = None
-        notes: list[str] = []
-        if detector is not None:
-            limits = GeometryLimits.from_settings(self.settings, [detector.resize_rule])
-            seen = bounded_geometry(image, limits)
-            if seen.note:
-                notes.append(f"detected on the image {seen.note}")
-            try:
-                with self._model_lock:
-                    found = detector.detect([seen.image])[0]
-                detections = [det.with_box(seen.to_original(det.box)) for det in found]
-            except Exception as error:
-                log.warning("query detection failed, whole image used: %s", error)
-                notes.append(
-                    f"detection failed ({type(error).__name__}: {error}); whole image used"
-                )
-                detections = []
-        crops = plan_crops(
-            detections,
-            image.size,
-            min_side=self.settings.min_crop_side,
-            merge_iou=self.settings.crop_merge_iou,
-        )
-        return crops[: max(1, self.settings.search_max_items)], notes
 
     def _http(self) -> HttpClient:
         with self._session_lock:
@@ -487,24 +442,18 @@ def _crop_row(r: Any) -> _CropRow:
     )
 
 
-def _query_item(
-    crop: PlannedCrop, pixels: PILImage.Image, hits: Sequence[ProductHit], detail: str | None
-) -> QueryItem:
+def _query_item(item: AnalysedCrop, hits: Sequence[ProductHit]) -> QueryItem:
+    crop = item.crop
     return QueryItem(
         label=crop.fine_label,
         coarse_label=crop.coarse_label,
         detection_score=crop.score,
         box=crop.box,
         whole_image=crop.whole_image,
-        colour=dominant_colour(pixels).name,
-        detail=detail,
+        colour=item.colour,
+        detail=item.detail,
         results=list(hits),
     )
-
-
-def _detail(notes: list[str], seen: BoundedImage) -> str | None:
-    parts = [*notes, *([f"crop {seen.note}"] if seen.note else [])]
-    return "; ".join(parts)[:1000] if parts else None
 
 
 def _ms_since(started: float) -> float:

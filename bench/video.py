@@ -1,0 +1,277 @@
+"""Video search throughput: flickd's way (sampling with scene changes, batched analysis, tracks,
+one search per track) beside the prototype's way (every N-th frame decoded and matched one at
+a time: detect the frame, embed each crop, search each crop k=1, no tracks), in one run.
+
+    .venv/bin/python -m bench.video --seconds 60 --size 1280x720 --models base
+
+A synthetic catalog is analysed and indexed with the same offline models (`flickd models
+build`: `base` has the real architectures, random weights) in the embedded mode (SQLite, tasks
+in-process), and a clip is made with synthetic/video.py from the images of half its products
+(one shot each, cuts and cross-fades; the other half never appears). Prints, for both ways:
+frames decoded per second, frames analysed per second, seconds of video analysed per second of
+wall time, the recall of the products shown (matched at `similar` or better) against the clip's
+truth and how many shown products are not in it; then the ratio, the machine and its load. Target:
+flickd >= 3x the prototype's seconds of video per second at equal or better recall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import machine, stop_children_on_sigterm
+from bench.vision import _models
+from flickd.core.settings import Settings
+from flickd.services.search import MatchType, SearchService
+from flickd.services.video import VideoSearch
+
+SHOWN = (MatchType.EXACT, MatchType.SIMILAR)
+
+
+@dataclasses.dataclass
+class Figures:
+    name: str
+    frames_decoded: int
+    frames_analysed: int
+    video_seconds: float
+    decode_s: float  # decoding alone (a separate pass)
+    wall_s: float  # decode + analysis + search, end to end
+    shown: set[str]
+    crops: int = 0
+
+    def lines(self, truth: set[str]) -> list[str]:
+        found = self.shown & truth
+        return [
+            f"{self.name}:",
+            f"  frames decoded/s  {self.frames_decoded / self.decode_s:8.1f}  "
+            f"({self.frames_decoded} frames, decoding alone {self.decode_s:.1f}s)",
+            f"  frames analysed/s {self.frames_analysed / self.wall_s:8.2f}  "
+            f"({self.frames_analysed} frames, {self.crops} crops)",
+            f"  video s / wall s  {self.video_seconds / self.wall_s:8.3f}  "
+            f"({self.video_seconds:.1f}s of video in {self.wall_s:.1f}s)",
+            f"  recall            {len(found) / max(1, len(truth)):8.2f}  "
+            f"({len(found)} of {len(truth)} products shown; {len(self.shown - truth)} shown "
+            "that are not in the clip)",
+        ]
+
+
+def _index_catalog(catalog: Any, settings: Settings) -> None:
+    """The real pipeline (download, detect, crop, colour, prompt, embed) on the catalog, then
+    the index, as tests/test_search_api.py builds it."""
+    from sqlalchemy import select
+
+    from db.schema import ModelVersion
+    from db.session import session_scope
+    from producer.ingest import ingest
+    from synthetic.catalog import write_feed
+    from synthetic.server import CatalogServer
+    from workers.indexing import build_from_database
+
+    with CatalogServer(catalog.images_dir) as server:
+        feed = write_feed(catalog, settings.data_dir / "feed.csv", server.base_url)
+        assert ingest(feed, settings).status == "done"
+    with session_scope(settings) as session:
+        version_id = session.scalars(
+            select(ModelVersion.id).where(ModelVersion.kind == "embedder", ModelVersion.active)
+        ).one()
+    build_from_database(settings, version_id, settings.index_dir)
+
+
+def _decode_only(path: Path, settings: Settings) -> tuple[int, float]:
+    from flickd.fetching.video import VideoLimits, open_video
+
+    started = time.perf_counter()
+    with open_video(path, VideoLimits.from_settings(settings)) as stream:
+        for _ in stream.frames():
+            pass
+        decoded = stream.report.frames_decoded
+    return decoded, time.perf_counter() - started
+
+
+def flickd_way(path: Path, service: SearchService, settings: Settings) -> Figures:
+    from flickd.fetching.video import VideoLimits, open_video
+
+    _, decode_s = _decode_only(path, settings)
+    data = path.read_bytes()
+    started = time.perf_counter()
+    with open_video(data, VideoLimits.from_settings(settings)) as stream:
+        result = VideoSearch(service).search_video(stream, hashlib.sha256(data).hexdigest())
+    wall = time.perf_counter() - started
+    seconds = result.cut_at_s or result.duration_s or 0.0
+    return Figures(
+        "flickd (sampled frames + scene changes, batches, tracks, one search per track)",
+        result.frames_decoded,
+        result.frames_sampled,
+        seconds,
+        decode_s,
+        wall,
+        {p.product_id for p in result.products},
+        crops=len(result.frames),
+    )
+
+
+def prototype_way(path: Path, every: int, service: SearchService, settings: Settings) -> Figures:
+    """Every ``every``-th frame, one at a time: detect it, embed each crop alone, search each
+    crop with k=1. Same models, same crop planning and geometry bounds, the same cap on items
+    per frame."""
+    import av
+
+    from flickd.fetching.geometry import GeometryLimits, bounded_geometry
+    from models import registry
+    from models.crops import crop_image, plan_crops
+
+    index, version = service._index_and_version()
+    embedder = service._embedder(version)
+    detector = registry.get_detector(settings)
+    # The prototype embedded crops as cut; a thin one then costs CLIP's resize seconds. The
+    # crops are bounded here as flickd bounds them, so that only the way of working differs.
+    limits = GeometryLimits.from_settings(settings, [embedder.resize_rule])
+
+    started = time.perf_counter()
+    with av.open(str(path)) as container:
+        decoded = sum(1 for _ in container.decode(video=0))
+    decode_s = time.perf_counter() - started
+
+    shown: set[str] = set()
+    analysed = crops = 0
+    started = time.perf_counter()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        for number, frame in enumerate(container.decode(stream)):
+            if number % every:
+                continue
+            image = frame.to_image()
+            analysed += 1
+            found = detector.detect([image])[0] if detector is not None else None
+            planned = plan_crops(
+                found,
+                image.size,
+                min_side=settings.min_crop_side,
+                merge_iou=settings.crop_merge_iou,
+            )[: settings.search_max_items]
+            for crop in planned:
+                pixels = bounded_geometry(crop_image(image, crop), limits).image
+                vector = embedder.embed_images([pixels])
+                (hits,) = service._search_grouped(index, vector, 1)
+                crops += 1
+                if hits and hits[0].match in SHOWN:
+                    shown.add(hits[0].product_id)
+        seconds = float(stream.duration * stream.time_base) if stream.duration else 0.0
+    wall = time.perf_counter() - started
+    return Figures(
+        f"prototype (every {every}th frame, one at a time, k=1 per crop, no tracks)",
+        decoded,
+        analysed,
+        seconds,
+        decode_s,
+        wall,
+        shown,
+        crops=crops,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60, help="length of the clip (about)")
+    parser.add_argument("--size", default="1280x720", help="frame size WIDTHxHEIGHT")
+    parser.add_argument("--fps", type=float, default=30)
+    parser.add_argument("--models", choices=["tiny", "base"], default="base")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--every",
+        type=int,
+        default=0,
+        help="the prototype's N (default: fps / FLICKD_VIDEO_MAX_FPS, the same frame rate)",
+    )
+    parser.add_argument("--seed", type=int, default=5)
+    args = parser.parse_args()
+    stop_children_on_sigterm()
+    print(machine())
+    load = os.getloadavg()
+    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    from synthetic.catalog import generate_catalog
+    from synthetic.video import make_clip
+
+    work = Path(tempfile.mkdtemp(prefix="flickd-bench-video-"))
+    models = _models(args.models)
+    settings = Settings(
+        data_dir=work / "data",
+        allowed_networks=["127.0.0.0/8"],
+        last_stage="analyze",
+        detector_model=str(models["detector"]),
+        embedding_model=str(models["clip"]),
+        device=args.device,
+    )
+    from db.migrate import upgrade
+
+    upgrade(settings)
+    shots = max(2, math.ceil(args.seconds / 2))  # shots last 1-3 s, 2 s on average
+    # As many products again that the clip never shows: showing them is a mistake.
+    catalog = generate_catalog(
+        work / "catalog", 2 * shots, seed=args.seed, images_per_product=(1, 1)
+    )
+    started = time.perf_counter()
+    _index_catalog(catalog, settings)
+    print(
+        f"catalog: {len(catalog.images)} images analysed and indexed in "
+        f"{time.perf_counter() - started:.0f}s (models {args.models}, device {args.device}, "
+        f"torch threads {torch.get_num_threads()})"
+    )
+    images = [
+        (image.product_id, Image.open(catalog.image_path(image)).convert("RGB"))
+        for image in catalog.images[:shots]
+    ]
+    started = time.perf_counter()
+    truth = make_clip(images, work / "clip.mp4", fps=args.fps, size=(width, height), seed=args.seed)
+    print(
+        f"clip: {truth.duration_s:.1f}s {truth.width}x{truth.height} {truth.codec} at "
+        f"{truth.fps:g} fps, {len(truth.shots)} shots, {truth.path.stat().st_size / 1e6:.1f} MB, "
+        f"made in {time.perf_counter() - started:.0f}s"
+    )
+    products = {shot.product_id for shot in truth.shots}
+    every = args.every or max(1, round(truth.fps / settings.video_max_fps))
+
+    service = SearchService(settings)
+    service.warm_up()  # both ways use the same loaded models
+    warm = Image.fromarray(np.zeros((height, width, 3), np.uint8))
+    from models import registry
+
+    detector = registry.get_detector(settings)
+    if detector is not None:
+        detector.detect([warm])
+    print(
+        f"settings: video_max_fps {settings.video_max_fps}, scene threshold "
+        f"{settings.video_scene_threshold}, batch {settings.video_batch_size} frames, "
+        f"{settings.search_max_items} items per frame at most; prototype N = {every}"
+    )
+
+    prototype = prototype_way(truth.path, every, service, settings)
+    ours = flickd_way(truth.path, service, settings)
+    for figures in (prototype, ours):
+        print("\n".join(figures.lines(products)))
+    ratio = (ours.video_seconds / ours.wall_s) / (prototype.video_seconds / prototype.wall_s)
+    recall_ours = len(ours.shown & products) / max(1, len(products))
+    recall_proto = len(prototype.shown & products) / max(1, len(products))
+    print(
+        f"ratio flickd / prototype (video s per wall s): {ratio:.2f}x  (target >= 3x); "
+        f"recall {recall_ours:.2f} vs {recall_proto:.2f}"
+    )
+    load = os.getloadavg()
+    print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
