@@ -50,13 +50,16 @@ class Embedder:
         name_or_dir: str | Path,
         device: torch.device | str | None = None,
         batch_size: int = 32,
+        files: Path | None = None,
     ) -> None:
+        """``files``: a local copy of the model to load, when ``name_or_dir`` names it
+        elsewhere (a model version in the storage); its version still says ``name_or_dir``."""
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
         self.name_or_dir = str(name_or_dir)
         self.device = device if isinstance(device, torch.device) else select_device(device)
         self.batch_size = batch_size
-        source, kwargs = pretrained_kwargs(name_or_dir)
+        source, kwargs = pretrained_kwargs(files if files is not None else name_or_dir)
         model = load_pretrained(CLIPModel.from_pretrained, source, "CLIP model", **kwargs)
         self.image_processor = load_pretrained(
             AutoImageProcessor.from_pretrained, source, "CLIP image processor", **kwargs

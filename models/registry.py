@@ -17,10 +17,12 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from flickd.core.storage import STORE_PREFIX, storage_for
 from models.device import select_device, set_mixed_precision
 
 if TYPE_CHECKING:
@@ -89,15 +91,30 @@ def get_embedder(settings: Settings) -> Embedder:
 
 
 def get_embedder_by_name(name: str, settings: Settings) -> Embedder:
-    """A CLIP embedder by hub id or directory (e.g. a fine-tuned version's), cached."""
+    """A CLIP embedder by hub id, directory, or ``store:<key>`` (a fine-tuned version in the
+    storage, fetched through the local cache), cached."""
     set_mixed_precision(settings.mixed_precision)
 
     def load(name: str, device: torch.device) -> Embedder:
         from models.embedder import Embedder
 
-        return Embedder(name, device=device, batch_size=settings.analyze_batch_size)
+        files = stored_model_dir(name, settings)
+        return Embedder(name, device=device, batch_size=settings.analyze_batch_size, files=files)
 
     return _cached("embedder", name.strip(), settings.device, load)
+
+
+def stored_model_dir(name: str, settings: Settings) -> Path | None:
+    """A local copy of the model version ``store:<key>`` names (None for any other name)."""
+    if not name.startswith(STORE_PREFIX):
+        return None
+    return storage_for(settings).fetch_dir(name.removeprefix(STORE_PREFIX))
+
+
+def local_model(name: str, settings: Settings) -> str:
+    """What ``from_pretrained`` can load for a model name: a stored version's local copy."""
+    files = stored_model_dir(name, settings)
+    return str(files) if files is not None else name
 
 
 def clear() -> None:

@@ -28,6 +28,7 @@ from flickd.core.broker import ANALYZE_TASK
 from flickd.core.logs import log_context
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
+from flickd.core.storage import StorageUnavailable
 from flickd.fetching.fetch import HttpClient, fetch, make_session
 from flickd.fetching.geometry import GeometryLimits
 from flickd.fetching.imaging import validate_image
@@ -110,6 +111,8 @@ def download_one(
             return DownloadOutcome(
                 image_id, run_id, attempts, reason=failure.reason, detail=failure.detail
             )
+        except StorageUnavailable:
+            raise  # the whole batch is retried, then re-driven: not this image's fault
         except Exception as error:  # a bug must not take the rest of the batch down
             log.exception("unexpected error downloading image")
             return DownloadOutcome(
@@ -191,7 +194,7 @@ def download_batch(image_ids: list[int], settings: Settings) -> list[DownloadOut
     if not todo:
         return []
     session, pool = _ProcessResources.get(settings)
-    blobs = BlobStore(settings.blob_dir)
+    blobs = BlobStore.for_settings(settings)
     started = time.perf_counter()
     # Each thread runs in a copy of this task's context, so its log lines carry the task id.
     contexts = [contextvars.copy_context() for _ in todo]

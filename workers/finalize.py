@@ -40,6 +40,7 @@ from flickd.core.blobstore import BlobStore
 from flickd.core.broker import EMBED_TASK, enqueue
 from flickd.core.lease import heartbeat
 from flickd.core.settings import Settings
+from flickd.core.storage import MODELS, storage_for
 from models import registry
 
 if TYPE_CHECKING:
@@ -94,7 +95,8 @@ def finetune_now(settings: Settings) -> FinetuneResult:
         eval_fraction=settings.train_eval_fraction,
         seed=settings.train_seed,
     )
-    out_dir = settings.models_dir / f"clip-{utcnow():%Y%m%d-%H%M%S}"
+    key = f"{MODELS}/clip-{utcnow():%Y%m%d-%H%M%S}"
+    out_dir = storage_for(settings).staging_dir(key, settings.data_dir / "scratch")
     return finetune_catalog(
         settings,
         base_name,
@@ -102,6 +104,7 @@ def finetune_now(settings: Settings) -> FinetuneResult:
         config,
         promote_if=PromotionRule(min_improvement=settings.promotion_min_improvement),
         activate=False,
+        publish_as=key,
     )
 
 
@@ -157,7 +160,7 @@ def embed_crops(crop_ids: list[int], version_id: int, settings: Settings) -> int
             select(Crop.id, Crop.blob_key).where(Crop.id.in_(crop_ids)).order_by(Crop.id)
         ).all()
     embedder: Embedder = registry.get_embedder_by_name(str(name), settings)
-    blobs = BlobStore(settings.blob_dir)
+    blobs = BlobStore.for_settings(settings)
     pixels = [PILImage.open(io.BytesIO(blobs.get(r.blob_key))).convert("RGB") for r in rows]
     vectors = embedder.embed_images(pixels) if pixels else np.zeros((0, embedder.dim), "f4")
     with session_scope(settings) as session:
@@ -226,13 +229,13 @@ def _touch_build(session: Session, version_id: int, status: IndexBuildStatus) ->
     )
 
 
-def build_index(version_id: int, settings: Settings) -> Path:
+def build_index(version_id: int, settings: Settings) -> Path | str:
     from workers.indexing import build_from_database
 
-    return build_from_database(settings, version_id, settings.index_dir)
+    return build_from_database(settings, version_id)
 
 
-def refresh_index(settings: Settings) -> Path | None:
+def refresh_index(settings: Settings) -> Path | str | None:
     """Rebuild the index of the active embedder from the database. Crops that lack an
     embedding under it (added while a re-embedding ran) are embedded first, fanned out like a
     re-embedding; the index is then built by the batch that finishes them (returns None)."""

@@ -7,20 +7,29 @@ from pathlib import Path
 
 from db.indexes import embedding_chunks, record_index_build
 from flickd.core.settings import Settings
+from flickd.core.storage import INDEX, storage_for
 from models.index import VectorIndex, write_versioned
+from models.index.files import Target
 
 
 def build_from_database(
-    settings: Settings, model_version_id: int, directory: str | Path, *, chunk_rows: int = 5_000
-) -> Path:
+    settings: Settings,
+    model_version_id: int,
+    directory: Target | None = None,
+    *,
+    chunk_rows: int = 5_000,
+) -> Path | str:
     """Index every embedding of ``model_version_id``, switch ``directory`` to it and record
     the build as the active one. Rows added during the build wait for the next build: the
-    passes read embeddings up to the id that was highest when the build started."""
+    passes read embeddings up to the id that was highest when the build started. The
+    directory defaults to the ``index/`` folder of the storage."""
+    if directory is None:
+        directory = storage_for(settings).at(INDEX)
     embeddings = embedding_chunks(settings, model_version_id, chunk_rows=chunk_rows)
     index = VectorIndex.build(
         embeddings.chunks, embeddings.dim, n_total=embeddings.n, model_version_id=model_version_id
     )
-    path = write_versioned(index, directory)
+    path = write_versioned(index, directory, scratch=settings.data_dir / "scratch")
     record_index_build(
         settings,
         model_version_id,

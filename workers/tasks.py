@@ -27,6 +27,7 @@ from flickd.core.broker import (
 )
 from flickd.core.logs import log_context
 from flickd.core.settings import Settings
+from flickd.core.storage import StorageUnavailable
 from flickd.core.timing import observe_stage
 from workers.stage import StageResult
 
@@ -37,7 +38,8 @@ class FlickdTask(Task):
     # Database or broker hiccups: retry the whole (idempotent) batch with backoff. A hand-off
     # that cannot reach the broker is among them; if the retry cannot be sent either, the
     # images stay due in the database and the reconciler sends them again.
-    autoretry_for = (OperationalError, *BROKER_ERRORS)
+    # An unreachable storage likewise: the batch is retried, and re-driven after the lease.
+    autoretry_for = (OperationalError, StorageUnavailable, *BROKER_ERRORS)
     retry_backoff = True
     retry_backoff_max = 120
     retry_jitter = True

@@ -37,6 +37,7 @@ from flickd.core.blobstore import BlobStore
 from flickd.core.logs import log_context
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
+from flickd.core.storage import StorageUnavailable
 from flickd.core.timing import StepClock, observe_stages
 from flickd.fetching.geometry import (
     BoundedImage,
@@ -137,6 +138,8 @@ def _decode(items: list[_Item], blobs: BlobStore, settings: Settings) -> None:
             check_geometry(*item.pixels.size, limits)
         except ImageFailure as failure:
             item.failure = failure
+        except StorageUnavailable:
+            raise  # the whole batch is retried, then re-driven: not this image's fault
         except Exception as error:  # a missing blob, a bug: this image only
             item.failure = ImageFailure(
                 FailureReason.CORRUPT_IMAGE, f"{type(error).__name__}: {error}"
@@ -339,7 +342,7 @@ def analyze_batch(image_ids: list[int], settings: Settings) -> AnalyzeReport:
 
 def _analyze(items: list[_Item], report: AnalyzeReport, settings: Settings) -> None:
     clock = StepClock()
-    blobs = BlobStore(settings.blob_dir)
+    blobs = BlobStore.for_settings(settings)
     with clock("decode"):
         _decode(items, blobs, settings)
 
@@ -357,6 +360,8 @@ def _analyze(items: list[_Item], report: AnalyzeReport, settings: Settings) -> N
                 try:
                     detected = None if detections is None else detections[index]
                     _plan(item, detected, blobs, settings, limits)
+                except StorageUnavailable:
+                    raise
                 except Exception as error:
                     log.exception("analysis failed")
                     item.failure = ImageFailure(

@@ -307,4 +307,4 @@ def _crop_uri(settings: Settings, crop_id: int) -> str:
         # A hit names a crop of the demo's index, and analysis stores every crop's JPEG.
         assert crop is not None and crop.blob_key is not None
         key = crop.blob_key
-    return _data_uri(BlobStore(settings.blob_dir).get(key))
+    return _data_uri(BlobStore.for_settings(settings).get(key))

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flickd.cli.errors import Failure, Problem, config_error, explain, redact
+from flickd.cli.errors import Failure, Problem, config_error, explain, redact, unreachable
 from flickd.core.settings import Settings
 
 MIN_FREE_BYTES = 1 << 30  # below 1 GiB free under the data dir, doctor warns
@@ -80,7 +80,10 @@ def check_broker(settings: Settings) -> Check:
     return _run("broker", probe)
 
 
-def check_storage(settings: Settings) -> Check:
+def check_storage(settings: Settings, timeout: float = 20.0) -> Check:
+    """The local directory is writable, and so is the storage (``FLICKD_STORAGE_URL``): one
+    small object written, read back and deleted, within ``timeout`` seconds."""
+
     def probe() -> str:
         directory = Path(settings.data_dir)
         try:
@@ -92,9 +95,51 @@ def check_storage(settings: Settings) -> Check:
                 f"FLICKD_DATA_DIR={directory} is not writable ({error.strerror}): "
                 "point it at a directory this user may write"
             ) from None
-        return f"{directory.resolve()} writable"
+        if not settings.storage_url:
+            return f"{directory.resolve()} writable"
+        return f"{_probe_storage(settings, timeout)} writable; cache {directory.resolve()}"
 
     return _run("storage", probe)
+
+
+def _probe_storage(settings: Settings, timeout: float) -> str:
+    import threading
+    import uuid
+
+    from flickd.core.storage import Storage
+
+    url = settings.storage_root
+    outcome: list[BaseException | str] = []
+
+    def attempt() -> None:
+        try:
+            storage = Storage(url)
+            key = f".flickd-check/{uuid.uuid4().hex}"
+            storage.put_bytes(key, b"ok")
+            if storage.get_bytes(key) != b"ok":
+                raise OSError("an object written could not be read back the same")
+            storage.delete(key)
+            outcome.append(url)
+        except BaseException as error:  # reported below, in one line
+            outcome.append(error)
+
+    thread = threading.Thread(target=attempt, name="storage-check", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise unreachable(
+            f"FLICKD_STORAGE_URL={url}: no answer from the storage in {timeout:.0f} s"
+        )
+    result = outcome[0]
+    if isinstance(result, str):
+        return result
+    text = f"{result}".split(": cannot ", 1)[-1][:300]
+    if "bucket" in text.lower() and ("not exist" in text.lower() or "NoSuchBucket" in text):
+        raise config_error(f"FLICKD_STORAGE_URL={url}: the bucket does not exist: create it")
+    local = url.startswith("file://") and isinstance(result, OSError)
+    if local or isinstance(result.__cause__ or result, PermissionError) or "denied" in text.lower():
+        raise config_error(f"FLICKD_STORAGE_URL={url}: not writable by these credentials: {text}")
+    raise unreachable(f"FLICKD_STORAGE_URL={url}: cannot reach the storage: {text}")
 
 
 def check_disk(settings: Settings) -> Check:
@@ -234,10 +279,15 @@ def for_ingest(settings: Settings) -> list[Check]:
 
 
 def for_worker(settings: Settings, queues: str) -> list[Check]:
-    checks = [check_database(settings), check_broker(settings)]
+    checks = [check_database(settings), check_broker(settings), check_storage(settings)]
     if "gpu" in queues.split(","):
         checks += check_models(settings)
     return checks
+
+
+def for_api(settings: Settings) -> list[Check]:
+    """What ``flickd api`` needs before it serves: the database and the storage."""
+    return [check_database(settings), check_storage(settings)]
 
 
 def everything(settings: Settings) -> list[Check]:

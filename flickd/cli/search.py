@@ -200,6 +200,10 @@ def api(settings: Settings, host: str, port: int) -> None:
     """Serve the search API, its OpenAPI docs (/docs) and the web page (/)."""
     import uvicorn
 
+    from flickd.cli import preflight
+
+    preflight.require(preflight.for_api(settings))
+
     uvicorn.run(
         "flickd.services.api:create_default_app",
         factory=True,

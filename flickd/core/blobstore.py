@@ -1,7 +1,12 @@
-"""Content-addressed blob store: a file's name is the SHA-256 of its bytes.
+"""Content-addressed blob store: a blob's key is the SHA-256 of its bytes.
 
-Paths never come from feed values, identical images are stored once, and a write is atomic
-(temp file + rename), so a worker killed mid-write leaves no half-written blob behind.
+Keys never come from feed values, identical images are stored once, and a write is atomic
+(on a local disk temp file + rename; on an object store one PUT), so a worker killed mid-write
+leaves no half-written blob behind under a key.
+
+The store is the ``blobs/`` folder of the storage (``FLICKD_STORAGE_URL``): a local directory
+keeps the fast path below; a remote one goes through :class:`flickd.core.storage.Storage`,
+read through the process's local cache.
 """
 
 from __future__ import annotations
@@ -11,26 +16,50 @@ import itertools
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flickd.core.storage import BLOBS, Storage, storage_for
+
+if TYPE_CHECKING:
+    from flickd.core.settings import Settings
 
 _sequence = itertools.count()
 
 
 class BlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path | str | Storage) -> None:
+        self.remote: Storage | None = None
+        if isinstance(root, Storage):
+            if root.local_dir is None:
+                self.remote = root
+            root = root.local_dir or Path(".")
         self.root = Path(root)
         self._folders: set[Path] = set()
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> BlobStore:
+        """The blob store of the storage the settings name."""
+        return cls(storage_for(settings).at(BLOBS))
 
     @staticmethod
     def key_for(data: bytes) -> str:
         return hashlib.sha256(data).hexdigest()
 
-    def path(self, key: str) -> Path:
+    @staticmethod
+    def relative(key: str) -> str:
         if len(key) != 64 or any(c not in "0123456789abcdef" for c in key):
             raise ValueError(f"not a blob key: {key!r}")
-        return self.root / key[:2] / key[2:4] / key
+        return f"{key[:2]}/{key[2:4]}/{key}"
+
+    def path(self, key: str) -> Path:
+        return self.root / self.relative(key)
 
     def put(self, data: bytes) -> str:
         key = self.key_for(data)
+        if self.remote is not None:
+            # Same key, same bytes: a second PUT is harmless and cheaper than asking first.
+            self.remote.put_bytes(self.relative(key), data)
+            return key
         target = self.path(key)
         if target.exists():
             return key
@@ -57,7 +86,11 @@ class BlobStore:
         return key
 
     def get(self, key: str) -> bytes:
+        if self.remote is not None:
+            return self.remote.read_cached(self.relative(key))
         return self.path(key).read_bytes()
 
     def exists(self, key: str) -> bool:
+        if self.remote is not None:
+            return self.remote.exists(self.relative(key))
         return self.path(key).exists()

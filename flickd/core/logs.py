@@ -71,6 +71,9 @@ def setup_logging(level: str = "INFO", fmt: str = "text", *, embedded: bool = Fa
     debug = level.upper() == "DEBUG"
     # Library chatter (migration steps, the faiss loader's AVX2 probe, hub retries) only at DEBUG.
     noisy = ("urllib3", "PIL", "filelock", "httpx", "huggingface_hub", "alembic", "faiss")
+    noisy_storage = ("botocore", "aiobotocore", "s3fs", "fsspec")  # "found credentials in …"
+    for name in noisy_storage:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
     for name in noisy:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
     # In-process runs have no broker: kombu's "No hostname was supplied" is noise there.

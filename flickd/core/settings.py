@@ -29,6 +29,15 @@ class Settings(BaseSettings):
     # Prefix of every Redis key Celery uses, so that several deployments (or test sessions and
     # benchmarks) can share one Redis without taking each other's messages.
     broker_prefix: str = ""
+    # Blobs, crops, model versions and index files: file:///srv/flickd, s3://bucket/prefix,
+    # gs://bucket/prefix (fsspec; credentials from the backend's own environment). Default:
+    # the data directory itself. With a shared storage URL the data directory is only a cache.
+    storage_url: str | None = None
+    # Bytes the local read-through cache of a remote storage may hold (LRU beyond that).
+    cache_max_bytes: int = 10 * 1024**3
+    # Seconds between checks of the published index (and with it the model version it was
+    # built with): a serving process switches within this bound, without a restart.
+    index_poll_seconds: float = 2.0
 
     # --- Celery reliability --------------------------------------------------------------------
     # Seconds a delivered, unacknowledged message stays invisible before Redis re-delivers it.
@@ -177,6 +186,8 @@ class Settings(BaseSettings):
                 f"lease_seconds ({self.lease_seconds}s) must be above 0 and below "
                 f"visibility_timeout ({self.visibility_timeout}s)"
             )
+        if self.cache_max_bytes < 1 or self.index_poll_seconds < 0:
+            raise ValueError("cache_max_bytes must be above 0, index_poll_seconds not negative")
         if self.reconcile_interval <= 0 or self.max_stage_attempts < 1:
             raise ValueError("reconcile_interval must be above 0, max_stage_attempts at least 1")
         return self
@@ -230,6 +241,19 @@ class Settings(BaseSettings):
                 url = "postgresql+psycopg://" + url.split("://", 1)[1]
             return url
         return f"sqlite:///{(self.data_dir / 'flickd.db').resolve()}"
+
+    @property
+    def storage_root(self) -> str:
+        """The storage URL in use: ``FLICKD_STORAGE_URL``, else ``file://<data dir>``."""
+        if self.storage_url:
+            url = self.storage_url.strip().rstrip("/")
+            return url if "://" in url else f"file://{Path(url).resolve()}"
+        return f"file://{self.data_dir.resolve()}"
+
+    @property
+    def cache_dir(self) -> Path:
+        """This process's read-through cache of a remote storage (may be wiped at any time)."""
+        return self.data_dir / "cache"
 
     @property
     def blob_dir(self) -> Path:

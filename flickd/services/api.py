@@ -213,7 +213,7 @@ def _search_image(service: SearchService, image: Any, k: int, detect: bool) -> S
 
 # --- catalog and health ------------------------------------------------------------------------
 def _add_catalog_routes(app: FastAPI, settings: Settings, service: SearchService) -> None:
-    blobs = BlobStore(settings.blob_dir)
+    blobs = BlobStore.for_settings(settings)
 
     @app.get("/health", tags=["operations"])
     def health(response: Response) -> dict[str, Any]:

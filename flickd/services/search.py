@@ -31,6 +31,7 @@ from db.session import session_scope
 from db.versions import active_embedder
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
+from flickd.core.storage import INDEX, storage_for
 from flickd.fetching.fetch import HttpClient, fetch, make_session
 from flickd.fetching.geometry import GeometryLimits, check_geometry
 from flickd.fetching.imaging import decode_image
@@ -185,7 +186,9 @@ class SearchService:
 
     def __init__(self, settings: Settings, holder: IndexHolder | None = None) -> None:
         self.settings = settings
-        self.holder = holder or IndexHolder(settings.index_dir)
+        self.holder = holder or IndexHolder(
+            storage_for(settings).at(INDEX), check_interval=settings.index_poll_seconds
+        )
         # HF fast tokenizers raise "Already borrowed" when two threads encode at once, and on a
         # CPU torch already uses every core per call: model calls are serialised.
         self._model_lock = threading.Lock()

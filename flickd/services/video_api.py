@@ -99,7 +99,7 @@ class _Videos:
     def __init__(self, settings: Settings, service: SearchService) -> None:
         self.settings = settings
         self.service = service
-        self.blobs = BlobStore(settings.blob_dir)
+        self.blobs = BlobStore.for_settings(settings)
         self.limits = VideoLimits.from_settings(settings)
         self._session: HttpClient | None = None
         self._session_lock = threading.Lock()

@@ -7,9 +7,13 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from flickd.core.blobstore import BlobStore
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class Pair:
     prompt: str
     colour_name: str | None
     fine_label: str | None
-    blob_dir: Path
+    blob_dir: Path | BlobStore  # a local blob directory, or the storage's blob store
 
     @property
     def description(self) -> str:
@@ -37,7 +41,8 @@ class Pair:
     def image(self) -> Image.Image:
         from flickd.core.blobstore import BlobStore
 
-        with Image.open(io.BytesIO(BlobStore(self.blob_dir).get(self.blob_key))) as image:
+        store = self.blob_dir if isinstance(self.blob_dir, BlobStore) else BlobStore(self.blob_dir)
+        with Image.open(io.BytesIO(store.get(self.blob_key))) as image:
             return image.convert("RGB")
 
 

@@ -1,15 +1,18 @@
 """The served index of a long-running process, swapped without a pause when ``current.json``
-changes."""
+changes: a local file's stat, or a remote storage's pointer object, checked every
+``check_interval`` seconds (``FLICKD_INDEX_POLL_SECONDS``)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
 import time
 from pathlib import Path
 
-from models.index.files import CURRENT, current_path
+from flickd.core.storage import Storage
+from models.index.files import CURRENT, Target, current_path, load_pointed
 from models.index.vector_index import VectorIndex
 
 log = logging.getLogger(__name__)
@@ -24,12 +27,18 @@ class IndexHolder:
     A query holding the old index finishes on it. A failed load is logged and the old index
     kept (retried at the next check). Two indexes are in memory during a swap."""
 
-    def __init__(self, directory: str | Path, check_interval: float = 2.0) -> None:
+    def __init__(self, directory: Target, check_interval: float = 2.0) -> None:
+        self.storage: Storage | None = None
+        if isinstance(directory, Storage):
+            if directory.local_dir is None:
+                self.storage = directory
+            directory = directory.local_dir or Path(directory.url)
         self.directory = Path(directory)
         self.check_interval = check_interval
         self._index: VectorIndex | None = None
-        self._seen: tuple[int, int, int] | None = None  # (inode, mtime_ns, size) of the pointer
-        self._loaded: Path | None = None
+        # (inode, mtime_ns, size) of a local pointer, or a remote pointer's bytes
+        self._seen: tuple[int, int, int] | bytes | None = None
+        self._loaded: Path | str | None = None
         self._next_check = 0.0
         self._lock = threading.Lock()
 
@@ -51,12 +60,15 @@ class IndexHolder:
         except Exception:
             log.exception(
                 "cannot load the index named by %s; serving the previous one",
-                self.directory / CURRENT,
+                self.storage.describe(CURRENT) if self.storage else self.directory / CURRENT,
             )
         finally:
             self._lock.release()
 
     def _reload_if_changed(self) -> None:
+        if self.storage is not None:
+            self._reload_remote(self.storage)
+            return
         try:
             st = os.stat(self.directory / CURRENT)
         except FileNotFoundError:
@@ -70,3 +82,18 @@ class IndexHolder:
             log.info("serving index %s (%d vectors)", path.name, index.ntotal)
             self._index, self._loaded = index, path
         self._seen = seen
+
+    def _reload_remote(self, storage: Storage) -> None:
+        try:
+            raw = storage.get_bytes(CURRENT)
+        except FileNotFoundError:
+            return
+        if raw == self._seen:
+            return
+        pointer = json.loads(raw)
+        name = str(pointer["index"])
+        if name != self._loaded:
+            index = load_pointed(storage, pointer)
+            log.info("serving index %s (%d vectors)", storage.describe(name), index.ntotal)
+            self._index, self._loaded = index, name
+        self._seen = raw
