@@ -163,6 +163,37 @@ def test_holder_serves_nothing_until_an_index_is_written(tmp_path: Path) -> None
     assert holder.get() is index  # unchanged pointer: no reload
 
 
+def test_a_caller_waits_for_the_first_index_another_thread_is_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The API's warm-up thread loads the first index while /health asks for it: /health must
+    # get that index, not None (the check time moves before the load finishes).
+    directory = tmp_path / "index"
+    write_versioned(flat_index(40), directory)
+    holder = IndexHolder(directory, check_interval=60)
+    loading, release = threading.Event(), threading.Event()
+    real_load = VectorIndex.load
+
+    def slow_load(path: Path) -> VectorIndex:
+        loading.set()
+        assert release.wait(10)
+        return real_load(path)
+
+    monkeypatch.setattr(VectorIndex, "load", staticmethod(slow_load))
+    warm_up = threading.Thread(target=holder.get)
+    warm_up.start()
+    assert loading.wait(10)
+    answers: list[VectorIndex | None] = []
+    health = threading.Thread(target=lambda: answers.append(holder.get()))
+    health.start()
+    health.join(0.2)
+    assert health.is_alive()  # waiting for the load, not answering None
+    release.set()
+    warm_up.join(10)
+    health.join(10)
+    assert answers and answers[0] is not None and answers[0].ntotal == 40
+
+
 def test_swap_under_load_never_fails_and_switches(tmp_path: Path) -> None:
     directory = tmp_path / "index"
     first = write_versioned(flat_index(300), directory)

@@ -44,7 +44,10 @@ class IndexHolder:
 
     def get(self) -> VectorIndex | None:
         """The current index, or None while no index has been written."""
-        if time.monotonic() >= self._next_check:
+        # With nothing served yet, always go through _refresh: it waits for a thread that is
+        # loading the first index (the check time is moved before the load finishes, so a
+        # caller that only looked at the clock would answer None meanwhile).
+        if self._index is None or time.monotonic() >= self._next_check:
             self._refresh()
         return self._index
 
