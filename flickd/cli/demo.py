@@ -236,6 +236,7 @@ def _outcome(settings: Settings, run_id: int) -> tuple[dict[str, Any], str | Non
 
     from db.schema import Image, IngestRun, ModelVersion
     from db.session import session_scope
+    from models.registry import local_model
 
     with session_scope(settings) as session:
         tuned = session.scalars(
@@ -244,7 +245,16 @@ def _outcome(settings: Settings, run_id: int) -> tuple[dict[str, Any], str | Non
             .order_by(ModelVersion.id.desc())
         ).first()
         finalize = (
-            {"model": tuned.name, "active": tuned.active, **(tuned.metrics or {})} if tuned else {}
+            {
+                "model": tuned.name,
+                # A stored version (store:models/…) read through the local cache: the
+                # training report's chart is one of its files.
+                "model_dir": local_model(tuned.name, settings),
+                "active": tuned.active,
+                **(tuned.metrics or {}),
+            }
+            if tuned
+            else {}
         )
         run = session.get(IngestRun, run_id)
         states = session.execute(

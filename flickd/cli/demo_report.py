@@ -291,7 +291,7 @@ def _recall_html(result: DemoResult) -> str:
     if not finalize:
         status = html.escape(str(result.finalize_status))
         return head + f"<p>No fine-tuned model (final task: {status}).</p>"
-    plot = Path(str(finalize.get("model", ""))) / "training-report" / "report.png"
+    plot = Path(str(finalize.get("model_dir", ""))) / "training-report" / "report.png"
     chart = (
         f'<img class=chart alt="training loss and held-out recall" src="data:image/png;base64,'
         f'{base64.b64encode(plot.read_bytes()).decode()}">'
