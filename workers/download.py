@@ -188,6 +188,38 @@ def record_outcomes(outcomes: list[DownloadOutcome], settings: Settings) -> None
     retrying(step)
 
 
+def _download_all(
+    todo: list[tuple[int, int | None, str]],
+    pool: ThreadPoolExecutor,
+    settings: Settings,
+    session: HttpClient,
+    blobs: BlobStore,
+) -> list[DownloadOutcome]:
+    """Every row through :func:`download_one`, on at most ``download_threads`` threads that
+    each take the next row when done: one pool task per thread, not per image (a future per
+    image handed the GIL back and forth 256 times a batch between the task thread and 64
+    busy downloaders)."""
+    outcomes: list[DownloadOutcome | None] = [None] * len(todo)
+    rows = iter(enumerate(todo))
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with lock:
+                item = next(rows, None)
+            if item is None:
+                return
+            i, row = item
+            outcomes[i] = download_one(*row, settings, session, blobs)
+
+    # Each thread runs in a copy of this task's context, so its log lines carry the task id.
+    slots = min(len(todo), max(1, settings.download_threads))
+    futures = [pool.submit(contextvars.copy_context().run, drain) for _ in range(slots)]
+    for future in futures:
+        future.result()
+    return [o for o in outcomes if o is not None]
+
+
 def download_batch(image_ids: list[int], settings: Settings) -> list[DownloadOutcome]:
     """Download every still-queued image of the batch and record each outcome."""
     todo = claim_queued(image_ids, settings)
@@ -196,16 +228,8 @@ def download_batch(image_ids: list[int], settings: Settings) -> list[DownloadOut
     session, pool = _ProcessResources.get(settings)
     blobs = BlobStore.for_settings(settings)
     started = time.perf_counter()
-    # Each thread runs in a copy of this task's context, so its log lines carry the task id.
-    contexts = [contextvars.copy_context() for _ in todo]
     with holding([row[0] for row in todo], ImageState.QUEUED.value, settings):
-        outcomes = list(
-            pool.map(
-                lambda ctx, row: ctx.run(download_one, *row, settings, session, blobs),
-                contexts,
-                todo,
-            )
-        )
+        outcomes = _download_all(todo, pool, settings, session, blobs)
         record_outcomes(outcomes, settings)
     log.info(
         "download batch done images=%d ok=%d failed=%d seconds=%.2f",
