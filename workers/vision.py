@@ -172,7 +172,7 @@ def _detect(items: list[_Item], settings: Settings) -> list[Any] | None:
     images = [seen.image for seen in bounded]
     try:
         found = halving_on_oom(detector.detect, images, settings.analyze_batch_size)
-        return [_unbounded(dets, seen) for dets, seen in zip(found, bounded, strict=True)]
+        return [unbounded_detections(dets, seen) for dets, seen in zip(found, bounded, strict=True)]
     except torch.OutOfMemoryError:
         raise
     except Exception:
@@ -181,7 +181,7 @@ def _detect(items: list[_Item], settings: Settings) -> list[Any] | None:
     results: list[Any] = []
     for item, seen in zip(items, bounded, strict=True):
         try:
-            results.append(_unbounded(detector.detect([seen.image])[0], seen))
+            results.append(unbounded_detections(detector.detect([seen.image])[0], seen))
         except Exception as error:
             with log_context(image_id=item.image_id):
                 log.warning(
@@ -194,7 +194,7 @@ def _detect(items: list[_Item], settings: Settings) -> list[Any] | None:
     return results
 
 
-def _unbounded(detections: list[Detection], seen: BoundedImage) -> list[Detection]:
+def unbounded_detections(detections: list[Detection], seen: BoundedImage) -> list[Detection]:
     """Detections on a bounded image, in pixels of its original (plan_crops clamps them)."""
     if not seen.changed:
         return detections

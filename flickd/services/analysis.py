@@ -26,7 +26,7 @@ from models import registry
 from models.boxes import Detection
 from models.colour import dominant_colour
 from models.crops import Crop, crop_image, plan_crops
-from workers.vision import halving_on_oom
+from workers.vision import halving_on_oom, unbounded_detections
 
 if TYPE_CHECKING:
     from models.embedder import Embedder
@@ -127,7 +127,9 @@ def _detect(
         try:
             with lock:
                 found = halving_on_oom(detect, [seen.image for seen in bounded], batch)
-            return [_unbounded(dets, seen) for dets, seen in zip(found, bounded, strict=True)]
+            return [
+                unbounded_detections(dets, seen) for dets, seen in zip(found, bounded, strict=True)
+            ]
         except torch.OutOfMemoryError:
             raise
         except Exception:  # one pathological image must not sink the rest
@@ -136,7 +138,7 @@ def _detect(
     for item, seen in zip(planned, bounded, strict=True):
         try:
             with lock:
-                results.append(_unbounded(detector.detect([seen.image])[0], seen))
+                results.append(unbounded_detections(detector.detect([seen.image])[0], seen))
         except torch.OutOfMemoryError:
             raise
         except Exception as error:
@@ -146,12 +148,6 @@ def _detect(
             )
             results.append([])
     return results
-
-
-def _unbounded(detections: list[Detection], seen: BoundedImage) -> list[Detection]:
-    if not seen.changed:
-        return detections
-    return [det.with_box(seen.to_original(det.box)) for det in detections]
 
 
 def _embed(
