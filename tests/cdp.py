@@ -14,6 +14,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+# The flags every headless Chromium of the tests starts with (the page test's --dump-dom runs too).
+HEADLESS_ARGS = (
+    "--headless",
+    "--no-sandbox",  # root in CI containers
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
 
 class CdpError(RuntimeError):
     pass
@@ -26,14 +38,7 @@ class Chromium:
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
         args = [
-            "--headless",
-            "--no-sandbox",  # root in CI containers
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
+            *HEADLESS_ARGS,
             f"--user-data-dir={profile}",
             "--remote-debugging-pipe",
             *extra_args,

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "settings_env",
     "stop_process_group",
     "wait_for_run",
+    "wait_until",
 ]
 
 PG_ADMIN_URL = os.environ.get(
@@ -143,6 +145,17 @@ def embedded_settings(tmp_path: Path) -> Iterator[Settings]:
     )
     upgrade(settings)
     yield settings
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.02
+) -> None:
+    """Poll ``condition`` until it holds; fail the test naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
 
 
 def catalog_fixture(

@@ -25,7 +25,7 @@ from flickd.core.settings import Settings, reset_settings
 from producer.ingest import ingest
 from synthetic.procs import wait_for_log
 from synthetic.server import CatalogServer
-from tests.conftest import ROOT, catalog_fixture, celery_worker, settings_env
+from tests.conftest import ROOT, catalog_fixture, celery_worker, settings_env, wait_until
 from tests.models_fixtures import tiny_models
 from workers.control import (
     PAUSE_POLL_SECONDS,
@@ -68,14 +68,6 @@ def _queued_message_ids(settings: Settings, queue: str) -> list[int]:
     return ids
 
 
-def _wait(condition, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.1)
-
-
 def _nothing_in_flight(settings: Settings) -> bool:
     return queue_lengths(settings)[1] == 0
 
@@ -87,14 +79,16 @@ def test_pause_mid_run_loses_nothing(pg_settings, catalog, tmp_path):
         feed = _feed(tmp_path / "feed.csv", slow.base_url, catalog, n)
         with celery_worker(settings, "download", concurrency=1, name="first@%h"):
             summary = ingest(feed, settings)
-            _wait(lambda: _states(settings).get("downloaded", 0) >= 2, 30, "no progress at all")
+            wait_until(
+                lambda: _states(settings).get("downloaded", 0) >= 2, 30, "no progress at all"
+            )
 
             paused = _invoke(settings, "pause", "--queue", "download")
             assert paused.exit_code == 0, paused.output
             assert re.search(r"first@\S+: stopped consuming download", paused.output), paused.output
             assert paused_queues(settings) == {"download"}
             # The batch in hand finishes; then nothing moves while messages wait in Redis.
-            _wait(lambda: _nothing_in_flight(settings), 20, "tasks still in flight")
+            wait_until(lambda: _nothing_in_flight(settings), 20, "tasks still in flight")
             before = _states(settings)
             queued = before.get("queued", 0)
             assert 0 < queued < n, before
@@ -153,7 +147,7 @@ def test_a_busy_solo_worker_follows_the_pause_flag_without_the_broadcast(
         assert queue_lengths(settings)[0]["gpu"] == 3
 
         client.delete(flag)
-        _wait(
+        wait_until(
             lambda: queue_lengths(settings) == ({"download": 0, "gpu": 0}, 0),
             PAUSE_POLL_SECONDS + 10,
             "the worker did not take the queue up again",
@@ -184,7 +178,7 @@ def test_cancel_fails_pending_images_and_workers_skip_them(pg_settings, catalog,
         assert _states(pg_settings) == {"failed": 12}
 
         with celery_worker(pg_settings, "download", concurrency=1):
-            _wait(
+            wait_until(
                 lambda: queue_lengths(pg_settings) == ({"download": 0, "gpu": 0}, 0),
                 20,
                 "messages of the cancelled run not drained",

@@ -34,7 +34,7 @@ from flickd.core.settings import Settings
 from producer.ingest import ingest
 from synthetic.procs import ROOT, RedisServer, settings_env, spawn
 from synthetic.server import CatalogServer
-from tests.conftest import PG_ADMIN_URL, catalog_fixture, celery_worker, run_flickd
+from tests.conftest import PG_ADMIN_URL, catalog_fixture, celery_worker, run_flickd, wait_until
 from tests.models_fixtures import tiny_models
 from workers.control import cancel_run
 
@@ -171,14 +171,6 @@ def _scalar(settings: Settings, query) -> object:
         return session.scalar(query)
 
 
-def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def _claimed(settings: Settings, state: str) -> bool:
     """A worker holds a batch of ``state`` images right now (claimed, not finished)."""
     query = select(func.count()).where(Image.state == state, Image.stage_attempts >= 1)
@@ -203,7 +195,7 @@ def _settle(settings: Settings, run_id: int, since: float) -> float:
                 and not building
             )
 
-    _wait(settled, SETTLE_BOUND, f"run {run_id} to settle")
+    wait_until(settled, SETTLE_BOUND, f"run {run_id} to settle")
     return time.monotonic() - since
 
 
@@ -252,12 +244,12 @@ def test_workers_killed_mid_download_mid_analysis_and_during_the_final_task(
         expected = _feed(tmp_path / "feed.csv", server, catalog)
         with _running(settings, tmp_path, "scheduler", "download", "gpu") as pipeline:
             run_id = ingest(tmp_path / "feed.csv", settings).run_id
-            _wait(lambda: _claimed(settings, "queued"), 30, "a download batch in flight")
+            wait_until(lambda: _claimed(settings, "queued"), 30, "a download batch in flight")
             pipeline.kill("download", landed=lambda: _claimed(settings, "queued"))
-            _wait(lambda: _claimed(settings, "downloaded"), 60, "an analysis batch in flight")
+            wait_until(lambda: _claimed(settings, "downloaded"), 60, "an analysis batch in flight")
             pipeline.kill("gpu")
             finalizing = select(IngestRun.finalize_status)
-            _wait(
+            wait_until(
                 lambda: _scalar(settings, finalizing) == "running",
                 SETTLE_BOUND,
                 "the final task to start",
@@ -279,7 +271,7 @@ def test_broker_restarted_empty_while_batches_hand_off(
         expected = _feed(tmp_path / "feed.csv", server, catalog)
         with _running(settings, tmp_path, "scheduler", "download", "gpu") as pipeline:
             run_id = ingest(tmp_path / "feed.csv", settings).run_id
-            _wait(lambda: _claimed(settings, "queued"), 30, "a download batch in flight")
+            wait_until(lambda: _claimed(settings, "queued"), 30, "a download batch in flight")
             broker.kill()  # the batch in flight finishes while the broker is gone
             time.sleep(1.5)
             broker.start()  # back, empty: every queued and unacknowledged message is lost
@@ -379,7 +371,7 @@ def test_the_same_batches_delivered_twice_at_once_write_nothing_twice(
                 ids = sorted(session.scalars(select(Image.id)))
             # Every batch once more, at once: both copies of a batch run side by side.
             enqueue(DOWNLOAD_TASK, ids, settings.download_batch_size, settings)
-            _wait(lambda: _claimed(settings, "downloaded"), 60, "analysis under way")
+            wait_until(lambda: _claimed(settings, "downloaded"), 60, "analysis under way")
             enqueue(ANALYZE_TASK, ids, settings.analyze_batch_size, settings)
             enqueue(ANALYZE_TASK, ids, settings.analyze_batch_size, settings)
             _settle(settings, run_id, time.monotonic())
@@ -407,7 +399,7 @@ def test_a_stage_broken_for_good_runs_out_of_attempts_and_the_run_finishes(
                 status = select(IngestRun.status).where(IngestRun.id == run_id)
                 return _scalar(settings, status) == "done"
 
-            _wait(finished, SETTLE_BOUND, "the run to finish")
+            wait_until(finished, SETTLE_BOUND, "the run to finish")
             assert pipeline.alive()
     with session_scope(settings) as session:
         images = {img.url: img for img in session.scalars(select(Image))}
@@ -431,7 +423,7 @@ def test_a_cancelled_run_resumed_finishes_and_finalizes(
         with _running(settings, tmp_path, "download") as pipeline:
             run_id = ingest(tmp_path / "feed.csv", settings).run_id
             downloaded = select(func.count()).select_from(Image).where(Image.state == "downloaded")
-            _wait(lambda: bool(_scalar(settings, downloaded)), 30, "some images downloaded")
+            wait_until(lambda: bool(_scalar(settings, downloaded)), 30, "some images downloaded")
             cancelled = cancel_run(run_id, settings)
             assert cancelled.cancelled_images > 0
             out = run_flickd("resume", "--run", str(run_id), env=settings_env(settings))

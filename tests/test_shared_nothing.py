@@ -25,7 +25,7 @@ from flickd.core.settings import Settings
 from producer.ingest import ingest
 from synthetic.procs import RedisServer, free_port, spawn
 from synthetic.server import CatalogServer
-from tests.conftest import catalog_fixture, celery_worker
+from tests.conftest import catalog_fixture, celery_worker, wait_until
 from tests.models_fixtures import tiny_models
 from tests.storage_fixtures import s3, storage_url
 
@@ -41,14 +41,6 @@ def _get(url: str) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
-
-
-def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def _run_done(settings: Settings, run_id: int) -> bool:
@@ -141,7 +133,7 @@ def test_pipeline_shared_nothing(pg_settings, tiny_models, catalog, shared, tmp_
         producer = own("producer")
         images = catalog.images
         run_id = ingest(_feed(tmp_path / "feed.csv", server, images), producer).run_id
-        _wait(lambda: _run_done(base, run_id), 180, "the run to finish")
+        wait_until(lambda: _run_done(base, run_id), 180, "the run to finish")
         with session_scope(base) as session:
             run = session.get(IngestRun, run_id)
             assert (run.status, run.finalize_status) == ("done", "indexed")
@@ -152,7 +144,7 @@ def test_pipeline_shared_nothing(pg_settings, tiny_models, catalog, shared, tmp_
             return body["index"] if status == 200 else {}
 
         for url in health:  # both replicas serve the gpu worker's index, no restart
-            _wait(lambda url=url: served(url).get("vectors") == len(images), 60, url)
+            wait_until(lambda url=url: served(url).get("vectors") == len(images), 60, url)
             assert served(url)["model_version_id"] == base_version.id
 
         # A new model version is published to the storage and promoted, as the final task
@@ -160,12 +152,12 @@ def test_pipeline_shared_nothing(pg_settings, tiny_models, catalog, shared, tmp_
         # this small is luck): the gpu worker re-embeds the catalog under it, builds its
         # index and makes it the active embedder.
         tuned_id = _promote(own("promoter"), tmp_path / "new-model")
-        _wait(lambda: _active(base).id == tuned_id, 120, "the promoted model to be active")
+        wait_until(lambda: _active(base).id == tuned_id, 120, "the promoted model to be active")
         tuned = _active(base)
         assert tuned.name.startswith("store:models/")
 
         for port, url in zip(ports, health, strict=True):  # the promoted model, no restart
-            _wait(lambda url=url: served(url).get("model_version_id") == tuned.id, 60, url)
+            wait_until(lambda url=url: served(url).get("model_version_id") == tuned.id, 60, url)
             assert served(url)["vectors"] == len(images)
             status, body = _get(f"http://127.0.0.1:{port}/search?q=a%20red%20dress&k=3")
             assert status == 200 and body["model_version"] == tuned.version

@@ -24,6 +24,7 @@ from flickd.core.settings import Settings
 from flickd.services.search import SearchService
 from synthetic.procs import ROOT, settings_env, stop_process_group
 from synthetic.server import CatalogServer
+from tests.cdp import HEADLESS_ARGS
 from tests.conftest import catalog_fixture
 from tests.models_fixtures import tiny_models
 from tests.test_search_api import build_index, ingest_products, vision_settings
@@ -94,14 +95,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: f
 def _chromium(tmp_path: Path, *args: str) -> str:
     command = [
         str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",  # root in CI containers
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *HEADLESS_ARGS,
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
         "--virtual-time-budget=10000",  # virtual time waits for the page's fetches
         *args,
