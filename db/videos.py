@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, String, and_, func, literal, or_, select, update
-from sqlalchemy import cast as sql_cast
+from sqlalchemy import Connection, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from db.images import exhausted_detail
 from db.schema import VIDEO_JOB_PENDING, VideoJobStatus, VideoSearchJob, utcnow
 from db.versions import dialect_insert
 from flickd.core.reasons import FailureReason
@@ -205,23 +205,12 @@ def _claimable(lease_seconds: float) -> Any:
     )
 
 
-def _exhausted_detail() -> Any:
-    return func.substr(
-        literal("video search not finished after ")
-        + sql_cast(JOBS.c.attempts, String)
-        + literal(" attempts; last error: ")
-        + func.coalesce(JOBS.c.last_error, literal("none recorded (worker lost or message lost)")),
-        1,
-        1000,
-    )
-
-
 def _exhausted_values() -> dict[str, Any]:
     now = utcnow()
     return {
         "status": VideoJobStatus.FAILED.value,
         "reason": FailureReason.ATTEMPTS_EXHAUSTED.value,
-        "detail": _exhausted_detail(),
+        "detail": exhausted_detail("video search", JOBS.c.attempts, JOBS.c.last_error),
         "updated_at": now,
         "finished_at": now,
     }
