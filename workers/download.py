@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 from sqlalchemy import Connection, bindparam, select
 
@@ -216,8 +217,8 @@ def _download_all(
     slots = min(len(todo), max(1, settings.download_threads))
     futures = [pool.submit(contextvars.copy_context().run, drain) for _ in range(slots)]
     for future in futures:
-        future.result()
-    return [o for o in outcomes if o is not None]
+        future.result()  # download_one never raises: every slot is filled once they return
+    return cast(list[DownloadOutcome], outcomes)
 
 
 def download_batch(image_ids: list[int], settings: Settings) -> list[DownloadOutcome]:

@@ -271,7 +271,15 @@ class Settings(BaseSettings):
 
     @property
     def allowed_ip_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-        return [ipaddress.ip_network(net, strict=False) for net in self.allowed_networks]
+        # Read by the SSRF check for every image and redirect hop: parsed once per list.
+        return list(_ip_networks(tuple(self.allowed_networks)))
+
+
+@lru_cache(maxsize=64)
+def _ip_networks(
+    networks: tuple[str, ...],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(net, strict=False) for net in networks)
 
 
 class _LogLevel(BaseSettings):
