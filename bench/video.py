@@ -33,10 +33,8 @@ from PIL import Image
 from bench.common import machine, stop_children_on_sigterm
 from bench.vision import _models
 from flickd.core.settings import Settings
-from flickd.services.search import MatchType, SearchService
-from flickd.services.video import VideoSearch
-
-SHOWN = (MatchType.EXACT, MatchType.SIMILAR)
+from flickd.services.search import SearchService
+from flickd.services.video import SHOWN, VideoSearch
 
 
 @dataclasses.dataclass
@@ -203,7 +201,7 @@ def main() -> None:
     width, height = (int(v) for v in args.size.lower().split("x"))
 
     from synthetic.catalog import generate_catalog
-    from synthetic.video import make_clip
+    from synthetic.video import catalog_images, make_clip
 
     work = Path(tempfile.mkdtemp(prefix="flickd-bench-video-"))
     models = _models(args.models)
@@ -230,10 +228,8 @@ def main() -> None:
         f"{time.perf_counter() - started:.0f}s (models {args.models}, device {args.device}, "
         f"torch threads {torch.get_num_threads()})"
     )
-    images = [
-        (image.product_id, Image.open(catalog.image_path(image)).convert("RGB"))
-        for image in catalog.images[:shots]
-    ]
+    # One image per product in this catalog: each product's first image, in catalog order.
+    images = catalog_images(catalog, [image.product_id for image in catalog.images[:shots]])
     started = time.perf_counter()
     truth = make_clip(images, work / "clip.mp4", fps=args.fps, size=(width, height), seed=args.seed)
     print(
