@@ -109,14 +109,17 @@ def _work(job: ClaimedJob, settings: Settings, service: SearchService) -> str:
         _write(settings, lambda conn: renew_job(conn, job))
 
     try:
-        if job.blob_key is None or not BlobStore.for_settings(settings).exists(job.blob_key):
+        try:
+            if job.blob_key is None:
+                raise FileNotFoundError(job.sha256)
+            data = BlobStore.for_settings(settings).get(job.blob_key)
+        except FileNotFoundError:
             return _fail(
                 settings,
                 job,
                 FailureReason.INTERNAL_ERROR.value,
                 "the video's bytes are no longer in the blob store; send the video again",
             )
-        data = BlobStore.for_settings(settings).get(job.blob_key)
         with (
             heartbeat(settings.lease_seconds, renew, enabled=not settings.embedded),
             open_video(data, VideoLimits.from_settings(settings)) as stream,
