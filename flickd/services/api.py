@@ -31,7 +31,9 @@ from db.session import session_scope
 from flickd.core.blobstore import BlobStore
 from flickd.core.settings import Settings, get_settings
 from flickd.services.api_errors import (
+    MAX_TOP_K,
     MULTIPART_SLACK,
+    UPSTREAM_FAILURE,
     ApiError,
     BodySizeLimit,
     ErrorBody,
@@ -48,7 +50,6 @@ from flickd.services.search import (
 from flickd.services.video_api import VIDEO_SEARCH_PATH, add_video_routes
 
 WEB_DIR = Path(__file__).parent / "web"
-MAX_TOP_K = 100
 ACCEPTED_TYPES_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 
 # HTTP status of each reason a query image is refused; anything unlisted is the remote's fault.
@@ -64,7 +65,6 @@ STATUS_BY_REASON: dict[str, int] = {
     "bad_geometry": 422,
     "empty_image": 422,
 }
-UPSTREAM_FAILURE = 502
 
 
 class UrlQuery(BaseModel):

@@ -12,6 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Multipart framing (boundaries, part headers, the form field's name) on top of the file.
 MULTIPART_SLACK = 64 * 1024
+MAX_TOP_K = 100  # products (or matches per track) a query may ask for
+UPSTREAM_FAILURE = 502  # the status of any refusal reason a route does not map: the remote's fault
 
 
 class ApiError(HTTPException):

@@ -41,14 +41,13 @@ from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
 from flickd.fetching.fetch import HttpClient, make_session
 from flickd.fetching.video import VideoLimits, VideoStream, fetch_video, open_video
-from flickd.services.api_errors import ApiError, ErrorBody
+from flickd.services.api_errors import MAX_TOP_K, UPSTREAM_FAILURE, ApiError, ErrorBody
 from flickd.services.search import SearchService, SearchUnavailable
 from flickd.services.video import VideoSearch, VideoSearchResult
 
 log = logging.getLogger(__name__)
 
 VIDEO_SEARCH_PATH = "/search/video"
-MAX_TOP_K = 100
 RESULT_HEADER = "X-Flickd-Result"
 
 # HTTP status of each reason a query video is refused; anything unlisted is the remote's fault.
@@ -63,7 +62,6 @@ VIDEO_STATUS_BY_REASON: dict[str, int] = {
     FailureReason.BLOCKED_ADDRESS: 400,
     FailureReason.INVALID_URL: 400,
 }
-UPSTREAM_FAILURE = 502
 VIDEO_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 413, 415, 422, 502, 503)
 }
