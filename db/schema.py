@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -179,7 +180,18 @@ class Product(Base):
     category: Mapped[str | None] = mapped_column(Text)
     price: Mapped[float | None] = mapped_column(Float)
     attributes: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Listing state, kept by catalog sync: a delisted product leaves search at once; its rows
+    # stay for FLICKD_DELIST_GRACE_SECONDS (a return relists it without a download), then go.
+    listed: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
+    delisted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    in_stock: Mapped[bool | None] = mapped_column(Boolean)  # None: the feed does not say
+    currency: Mapped[str | None] = mapped_column(String(3))  # ISO 4217 of ``price``
+    seen_run_id: Mapped[int | None] = mapped_column(Id)  # the last run whose feed had it
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Any change a search replica must see (listing, text, price): replicas poll by it.
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, server_default=func.now(), index=True
+    )
 
     images: Mapped[list[Image]] = relationship(back_populates="product")
 
@@ -226,6 +238,10 @@ class Image(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     downloaded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     analyzed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The product's feed now names another URL: this image is served until the new one is
+    # analysed, then retired (leaves search; its crops go with the product's purge).
+    superseded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
 
     product: Mapped[Product] = relationship(back_populates="images")
     crops: Mapped[list[Crop]] = relationship(back_populates="image", order_by="Crop.crop_index")
@@ -273,6 +289,8 @@ class Crop(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     colour_name: Mapped[str | None] = mapped_column(String(64))
     colour_rgb: Mapped[str | None] = mapped_column(String(7))  # "#rrggbb"
+    # Everyday colour word (models.colour.COLOUR_FAMILIES): "navy", "beige", "multicolour".
+    colour_family: Mapped[str | None] = mapped_column(String(16), index=True)
     prompt: Mapped[str | None] = mapped_column(Text)
     blob_key: Mapped[str | None] = mapped_column(String(80))
     detector_version: Mapped[str | None] = mapped_column(String(128))
@@ -292,7 +310,10 @@ class Embedding(Base):
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
     dim: Mapped[int] = mapped_column(Integer)
     vector: Mapped[bytes] = mapped_column(LargeBinary)  # float32, L2-normalised, little-endian
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Indexed: serving replicas poll for vectors newer than their index (freshness).
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
 
 
 class IndexBuild(Base):

@@ -38,34 +38,26 @@ _EXCLUDED_WORDS = re.compile(
 )
 
 
-# Basic colour terms for coarse filtering ("red dresses"), named the XKCD way so their swatches
-# come from the same survey as the fine names.
-COLOUR_FAMILIES = (
+# Colour families: the everyday words shoppers filter and type by ("red dresses", "a navy
+# jacket"). Each plain family is named the XKCD way, so its swatch comes from the same survey as
+# the fine names; ``MULTICOLOUR`` is for a crop with no single dominant colour.
+MULTICOLOUR = "multicolour"
+PLAIN_FAMILIES = (
     "black",
     "white",
     "grey",
-    "silver",
-    "red",
-    "burgundy",
-    "orange",
-    "yellow",
-    "gold",
-    "cream",
     "beige",
     "brown",
-    "khaki",
-    "olive",
+    "red",
+    "pink",
+    "orange",
+    "yellow",
     "green",
-    "teal",
-    "turquoise",
-    "light blue",
     "blue",
     "navy",
     "purple",
-    "lilac",
-    "pink",
-    "magenta",
 )
+COLOUR_FAMILIES = (*PLAIN_FAMILIES, MULTICOLOUR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +111,7 @@ def colour_table() -> tuple[tuple[str, ...], np.ndarray]:
 def _family_table() -> np.ndarray:
     from matplotlib.colors import XKCD_COLORS, to_rgb
 
-    swatches = [to_rgb(XKCD_COLORS[f"xkcd:{family}"]) for family in COLOUR_FAMILIES]
+    swatches = [to_rgb(XKCD_COLORS[f"xkcd:{family}"]) for family in PLAIN_FAMILIES]
     return srgb_to_lab(np.array(swatches) * 255.0)
 
 
@@ -135,7 +127,7 @@ def name_lab(lab: np.ndarray) -> str:
 
 def family_lab(lab: np.ndarray) -> str:
     """The nearest basic colour term to one CIELAB value."""
-    return COLOUR_FAMILIES[_nearest(_family_table(), lab)]
+    return PLAIN_FAMILIES[_nearest(_family_table(), lab)]
 
 
 def name_rgb(rgb: tuple[int, int, int]) -> ColourName:
