@@ -83,6 +83,7 @@ class ProductHit(BaseModel):
     label: str | None  # fine label of the crop ("skirt"), None for an unlabelled whole image
     coarse_label: str | None
     colour: str | None
+    colour_family: str | None  # everyday word (models.colour.COLOUR_FAMILIES)
     colour_rgb: str | None
     prompt: str | None
     image_url: str  # the catalog image the crop was cut from
@@ -172,6 +173,7 @@ class _CropRow:
     label: str | None
     coarse_label: str | None
     colour: str | None
+    colour_family: str | None
     colour_rgb: str | None
     prompt: str | None
     image_url: str
@@ -387,6 +389,7 @@ class SearchService:
             label=row.label,
             coarse_label=row.coarse_label,
             colour=row.colour,
+            colour_family=row.colour_family,
             colour_rgb=row.colour_rgb,
             prompt=row.prompt,
             image_url=row.image_url,
@@ -404,6 +407,7 @@ class SearchService:
                 Crop.fine_label,
                 Crop.coarse_label,
                 Crop.colour_name,
+                Crop.colour_family,
                 Crop.colour_rgb,
                 Crop.prompt,
                 Image.url,
@@ -436,6 +440,7 @@ def _crop_row(r: Any) -> _CropRow:
         label=r.fine_label,
         coarse_label=r.coarse_label,
         colour=r.colour_name,
+        colour_family=r.colour_family,
         colour_rgb=r.colour_rgb,
         prompt=r.prompt,
         image_url=r.url,
