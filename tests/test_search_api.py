@@ -10,6 +10,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -373,3 +374,39 @@ def test_cli_search_by_text_and_image(indexed, catalog, monkeypatch):
     assert image.product_id in plain.output and "exact" in plain.output
     both = runner.invoke(main, ["search", "--text", "x", "--image", "y"])
     assert both.exit_code != 0 and "exactly one" in both.output
+
+
+def test_concurrent_text_queries_share_a_forward_pass_and_repeat_from_the_cache(indexed):
+    texts = ["a red dress", "a navy jacket", "black shoes", "a white top", "a beige skirt"]
+    one_by_one = {t: SearchService(indexed).search_text(t, 5) for t in texts}
+    settings = indexed.model_copy(
+        update={"search_batch_window_ms": 30_000, "search_max_batch": len(texts)}
+    )
+    service = SearchService(settings)
+    with ThreadPoolExecutor(len(texts)) as pool:
+        batched = dict(
+            zip(texts, pool.map(lambda t: service.search_text(t, 5), texts), strict=True)
+        )
+    assert (service._texts.batches, service._texts.items) == (1, len(texts))
+    for text in texts:  # padding to the longest text in the batch changes no answer
+        want, got = one_by_one[text].items[0].results, batched[text].items[0].results
+        assert [h.crop_id for h in got] == [h.crop_id for h in want]
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+    again = service.search_text("a navy jacket", 5)  # answered without a model call
+    assert service._texts.batches == 1 and service._text_cache.hits == 1
+    assert again.items[0].results == batched["a navy jacket"].items[0].results
+
+
+def test_concurrent_image_queries_share_one_analysis(indexed, catalog):
+    images = [Image.open(catalog.image_path(catalog.images[i])).convert("RGB") for i in range(3)]
+    one_by_one = [SearchService(indexed).search_image(image, 3) for image in images]
+    settings = indexed.model_copy(update={"search_batch_window_ms": 30_000, "search_max_batch": 3})
+    service = SearchService(settings)
+    with ThreadPoolExecutor(3) as pool:
+        batched = list(pool.map(lambda image: service.search_image(image, 3), images))
+    assert (service._images.batches, service._images.items) == (1, 3)
+    for want, got in zip(one_by_one, batched, strict=True):
+        assert [i.label for i in got.items] == [i.label for i in want.items]
+        assert [[h.crop_id for h in i.results] for i in got.items] == [
+            [h.crop_id for h in i.results] for i in want.items
+        ]

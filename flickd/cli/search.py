@@ -4,6 +4,7 @@ product's images and crops)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -195,20 +196,33 @@ def show(settings: Settings, product_id: str, catalog: str, as_json: bool) -> No
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8000, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="API processes on this port; they share the memory-mapped index, and torch's threads "
+    "are split between them unless FLICKD_TORCH_THREADS says otherwise",
+)
 @needs_schema
-def api(settings: Settings, host: str, port: int) -> None:
+def api(settings: Settings, host: str, port: int, workers: int) -> None:
     """Serve the search API, its OpenAPI docs (/docs) and the web page (/)."""
     import uvicorn
 
     from flickd.cli import preflight
 
     preflight.require(preflight.for_api(settings))
-
+    if workers > 1 and settings.torch_threads is None:
+        # Each process would otherwise start one torch thread per core: N processes on C
+        # cores would run N x C threads and slow each other down.
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["FLICKD_TORCH_THREADS"] = str(threads)
     uvicorn.run(
         "flickd.services.api:create_default_app",
         factory=True,
         host=host,
         port=port,
+        workers=workers,
         log_level=settings.log_level.lower(),
     )
 

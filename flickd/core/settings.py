@@ -114,6 +114,14 @@ class Settings(BaseSettings):
     match_similar: float = 0.75
     max_upload_bytes: int = 10 * 1024 * 1024  # image uploads and image-URL queries
     search_max_items: int = 8  # detected items searched per query image, best scores first
+    # Micro-batching of concurrent queries (flickd/services/batching.py): a batch waits at most
+    # this long for more queries after its first, and holds at most search_max_batch of them.
+    search_batch_window_ms: float = Field(default=2.0, ge=0)
+    search_max_batch: int = Field(default=32, ge=1)
+    text_cache_size: int = Field(default=4096, ge=0)  # query texts whose vectors are kept (LRU)
+    # Threads torch uses in an API process (default: one per core). `flickd api --workers N`
+    # sets it to cores / N when it is not set.
+    torch_threads: int | None = Field(default=None, ge=1)
 
     # --- video search (`flickd search --video`, POST /search/video) ---------------------------
     # Frames kept per second of video at most, plus one at each scene change: a frame whose

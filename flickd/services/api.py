@@ -86,6 +86,10 @@ def _unavailable(error: SearchUnavailable) -> ApiError:
 def create_app(settings: Settings | None = None, service: SearchService | None = None) -> FastAPI:
     """The flickd API. ``service`` defaults to a SearchService over ``settings.index_dir``."""
     settings = settings or get_settings()
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     service = service or SearchService(settings)
     app = FastAPI(
         lifespan=_warm_up_in_background(service),

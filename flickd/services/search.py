@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 from PIL import Image as PILImage
@@ -36,6 +36,7 @@ from flickd.fetching.fetch import HttpClient, fetch, make_session
 from flickd.fetching.geometry import GeometryLimits, check_geometry
 from flickd.fetching.imaging import decode_image
 from flickd.services.analysis import AnalysedCrop, analyse_images
+from flickd.services.batching import LruCache, MicroBatcher
 from models import registry
 from models.index import IndexHolder, VectorIndex
 
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from models.embedder import Embedder
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # FAISS returns crops, several per product; fetch this many crops per wanted product so that
 # grouping still fills the list, and grow up to MAX_OVERFETCH when one product hogs the hits.
@@ -161,6 +164,22 @@ class _Version:
 
 
 @dataclass(frozen=True)
+class _ImageQuery:
+    embedder: Embedder
+    image: PILImage.Image
+    detect: bool
+
+
+def _by_key(items: Sequence[T], key: Callable[[T], Hashable]) -> list[tuple[Any, list[int]]]:
+    """Positions of ``items`` grouped by ``key`` (compared by identity of the objects it
+    holds, e.g. one embedder), in first-seen order."""
+    groups: dict[Any, list[int]] = {}
+    for position, item in enumerate(items):
+        groups.setdefault(key(item), []).append(position)
+    return list(groups.items())
+
+
+@dataclass(frozen=True)
 class _CropRow:
     crop_id: int
     product_pk: int
@@ -191,9 +210,18 @@ class SearchService:
         self.holder = holder or IndexHolder(
             storage_for(settings).at(INDEX), check_interval=settings.index_poll_seconds
         )
-        # HF fast tokenizers raise "Already borrowed" when two threads encode at once, and on a
-        # CPU torch already uses every core per call: model calls are serialised.
+        # On a CPU torch already uses every core per call: model calls are serialised. Queries
+        # reach the models through micro-batchers (batching.py): concurrent queries share one
+        # forward pass, and only each batcher's thread ever calls a tokenizer.
         self._model_lock = threading.Lock()
+        window = settings.search_batch_window_ms / 1000
+        self._texts: MicroBatcher[tuple[Embedder, str], np.ndarray] = MicroBatcher(
+            self._embed_texts, window=window, max_batch=settings.search_max_batch, name="texts"
+        )
+        self._images: MicroBatcher[_ImageQuery, list[AnalysedCrop]] = MicroBatcher(
+            self._analyse, window=window, max_batch=settings.search_max_batch, name="images"
+        )
+        self._text_cache: LruCache[tuple[str, str], np.ndarray] = LruCache(settings.text_cache_size)
         self._versions: dict[int, _Version] = {}
         self._warned: set[int] = set()
         self._session: HttpClient | None = None
@@ -203,10 +231,8 @@ class SearchService:
     def search_text(self, text: str, top_k: int = 10) -> SearchResponse:
         started = time.perf_counter()
         index, version = self._index_and_version()
-        embedder = self._embedder(version)
-        with self._model_lock:
-            vectors = embedder.embed_texts([text])
-        (hits,) = self._search_grouped(index, vectors, top_k)
+        vector = self._text_vector(self._embedder(version), text)
+        (hits,) = self._search_grouped(index, vector[None, :], top_k)
         return SearchResponse(
             kind="text",
             text=text,
@@ -231,9 +257,7 @@ class SearchService:
         index, version = self._index_and_version()
         embedder = self._embedder(version)
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        (analysed,) = analyse_images(
-            [rgb], self.settings, embedder, self._model_lock, detect=detect
-        )
+        analysed = self._images.submit(_ImageQuery(embedder, rgb, detect))
         grouped = self._search_grouped(index, np.stack([a.vector for a in analysed]), top_k)
         items = [_query_item(item, hits) for item, hits in zip(analysed, grouped, strict=True)]
         return SearchResponse(
@@ -330,6 +354,42 @@ class SearchService:
                 version.version,
             )
         return embedder
+
+    # --- batched model calls ---------------------------------------------------------------
+    def _text_vector(self, embedder: Embedder, text: str) -> np.ndarray:
+        """The unit vector of a query text: from the cache, else from a batched forward pass."""
+        key = (embedder.model_version, text)
+        vector = self._text_cache.get(key)
+        if vector is None:
+            vector = self._texts.submit((embedder, text))
+            vector.flags.writeable = False  # shared by every later query of the same text
+            self._text_cache.put(key, vector)
+        return vector
+
+    def _embed_texts(self, queries: list[tuple[Embedder, str]]) -> list[np.ndarray]:
+        """One forward pass per embedder for a batch of (embedder, text) queries."""
+        vectors: list[np.ndarray | None] = [None] * len(queries)
+        for embedder, positions in _by_key(queries, lambda q: q[0]):
+            with self._model_lock:
+                found = embedder.embed_texts([queries[i][1] for i in positions])
+            for i, vector in zip(positions, found, strict=True):
+                vectors[i] = vector.copy()
+        return [v for v in vectors if v is not None]
+
+    def _analyse(self, queries: list[_ImageQuery]) -> list[list[AnalysedCrop]]:
+        """One detection and one embedding pass per (embedder, detect) for a batch of images."""
+        results: list[list[AnalysedCrop] | None] = [None] * len(queries)
+        for (embedder, detect), positions in _by_key(queries, lambda q: (q.embedder, q.detect)):
+            found = analyse_images(
+                [queries[i].image for i in positions],
+                self.settings,
+                embedder,
+                self._model_lock,
+                detect=detect,
+            )
+            for i, items in zip(positions, found, strict=True):
+                results[i] = items
+        return [r for r in results if r is not None]
 
     def _http(self) -> HttpClient:
         with self._session_lock:
