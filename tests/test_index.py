@@ -16,6 +16,7 @@ from db.schema import Crop, Embedding, Image, IndexBuild, ModelVersion, Product
 from db.session import session_scope
 from flickd.core.settings import Settings
 from models.index import CURRENT, IndexHolder, VectorIndex, load_current, write_versioned
+from models.index.codec import IVFRefined, mmap_npz
 from models.index.files import _prune
 from workers.indexing import build_from_database
 
@@ -151,6 +152,43 @@ def test_save_and_load_round_trip(ivf_index: VectorIndex, tmp_path: Path) -> Non
         for got, want in zip(loaded.search(queries, 10), index.search(queries, 10), strict=True):
             np.testing.assert_array_equal(got, want)
     assert "nprobe" in ivf_index.params and not list(tmp_path.glob(".*.tmp"))
+
+
+def _mapped_files() -> set[str]:
+    """Files this process has memory-mapped (/proc/self/maps)."""
+    with open("/proc/self/maps") as maps:
+        return {line.split(maxsplit=5)[5].strip() for line in maps if len(line.split()) == 6}
+
+
+def test_loaded_indexes_are_memory_mapped_not_copied(
+    ivf_index: VectorIndex, tmp_path: Path
+) -> None:
+    # Mapped pages belong to the file, so every API process serving it shares one copy.
+    queries = near(clustered(20, DIM, seed=5), seed=6)
+    for index in (ivf_index, flat_index(300, DIM)):
+        path = index.save(tmp_path / f"{index.index_type[:3]}.faiss")
+        loaded = VectorIndex.load(path)
+        mapped = _mapped_files()
+        assert str(path) in mapped, f"{path.name} is read into memory, not mapped"
+        if index.index_type != "Flat":
+            assert str(path.with_suffix(".refine.npz")) in mapped
+            backend = loaded._backend
+            assert isinstance(backend, IVFRefined)
+            assert isinstance(backend.bits, np.memmap) and isinstance(backend.ids, np.memmap)
+        for got, want in zip(loaded.search(queries, 10), index.search(queries, 10), strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_compressed_refine_file_is_refused_not_half_read(tmp_path: Path) -> None:
+    path = tmp_path / "x.refine.npz"
+    np.savez_compressed(path, bits=np.zeros((4, 2), np.uint8), ids=np.arange(4))
+    with pytest.raises(ValueError, match="compressed"):
+        mmap_npz(path)
+    plain = tmp_path / "y.refine.npz"
+    np.savez(plain, bits=np.arange(6, dtype=np.uint8).reshape(3, 2), ids=np.arange(3) + 7)
+    arrays = mmap_npz(plain)
+    np.testing.assert_array_equal(arrays["bits"], np.arange(6).reshape(3, 2))
+    np.testing.assert_array_equal(arrays["ids"], [7, 8, 9])
 
 
 # --- switching ---------------------------------------------------------------------------------

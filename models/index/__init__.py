@@ -37,6 +37,9 @@ Files: ``<name>.faiss`` (``faiss.write_index``), ``<name>.json`` (the sidecar: d
 params, model version, creation time) and for the IVF ``<name>.refine.npz`` (the extra bits
 and the crop ids). ``current.json`` in an index directory names the served file; every file is
 written to a temporary name and renamed, the pointer last, so a reader never sees half a file.
+A loaded index is memory-mapped (FAISS's ``IO_FLAG_MMAP``/``IO_FLAG_MMAP_IFC`` for the lists or
+the flat vectors, ``codec.mmap_npz`` for the extra bits and ids): its pages belong to the file,
+so N API processes on one machine serving one index hold one copy in the page cache.
 
 The package, by job: ``codec`` (the two backends: how vectors are stored and scored),
 ``build`` (the passes, the IVF's lists and codes, the tuning), ``vector_index`` (``VectorIndex``

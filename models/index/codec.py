@@ -3,6 +3,8 @@ extra refinement bit (``IVFRefined``), and the bit arithmetic the build shares w
 
 from __future__ import annotations
 
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -112,16 +114,55 @@ class IVFRefined:
 
     @classmethod
     def read(cls, path: Path, params: dict[str, Any]) -> IVFRefined:
+        """Memory-mapped: the lists' codes (FAISS's ``IO_FLAG_MMAP``) and the bits and ids
+        (members of the uncompressed ``.npz``) stay in the file's pages, which the kernel
+        shares between every process serving the same file."""
         # already the IndexIVFScalarQuantizer proxy
-        ivf = cast(faiss.IndexIVFScalarQuantizer, faiss.read_index(str(path)))
-        with np.load(refine_path(path)) as data:
-            bits, ids = data["bits"], data["ids"]
-        return cls(ivf, bits, ids, int(params["nprobe"]), int(params["rerank"]))
+        ivf = cast(faiss.IndexIVFScalarQuantizer, faiss.read_index(str(path), faiss.IO_FLAG_MMAP))
+        arrays = mmap_npz(refine_path(path))
+        return cls(ivf, arrays["bits"], arrays["ids"], int(params["nprobe"]), int(params["rerank"]))
 
     def memory_bytes(self) -> int:
         lists = self.ntotal * (self.ivf.code_size + 8)  # SQ6 codes + int64 ids
         centroids = self.ivf.nlist * self.ivf.d * 4
         return lists + centroids + self.bits.nbytes + self.ids.nbytes
+
+
+def read_flat(path: Path) -> Flat:
+    """An exact index, its vectors memory-mapped (``IO_FLAG_MMAP_IFC``): read-only, shared by
+    every process serving the same file."""
+    return Flat(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC))
+
+
+def mmap_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an uncompressed ``.npz`` (what ``np.savez`` writes), memory-mapped in place.
+    ``np.load`` ignores ``mmap_mode`` for archives and reads every array into memory; each
+    member of a stored (not deflated) zip is a plain ``.npy`` at a fixed offset, so it maps."""
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as handle:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: {info.filename} is compressed and cannot be mapped")
+            handle.seek(info.header_offset)
+            local = handle.read(30)  # the local file header: its name and extra field follow
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            handle.seek(info.header_offset + 30 + name_len + extra_len)
+            major, _minor = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if major == 1
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(handle)
+            arrays[info.filename.removesuffix(".npy")] = np.memmap(
+                path,
+                dtype=dtype,
+                mode="r",
+                offset=handle.tell(),
+                shape=shape,
+                order="F" if fortran else "C",
+            )
+    return arrays
 
 
 def sq_range(ivf: faiss.IndexIVFScalarQuantizer) -> tuple[np.ndarray, np.ndarray]:

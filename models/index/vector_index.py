@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from models.index.atomic import atomic_write
@@ -21,7 +20,7 @@ from models.index.build import (
     normalised,
     reiterable,
 )
-from models.index.codec import Backend, Flat, IVFRefined
+from models.index.codec import Backend, IVFRefined, read_flat
 
 FORMAT_VERSION = 1
 
@@ -119,11 +118,8 @@ class VectorIndex:
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: unknown index format {meta.get('format')!r}")
         params = meta.get("params") or {}
-        backend: Backend
-        if meta["index_type"] == "Flat":
-            backend = Flat(faiss.read_index(str(path)))
-        else:
-            backend = IVFRefined.read(path, params)
+        flat = meta["index_type"] == "Flat"
+        backend: Backend = read_flat(path) if flat else IVFRefined.read(path, params)
         if backend.ntotal != meta["n"]:
             raise ValueError(f"{path}: holds {backend.ntotal} vectors, sidecar says {meta['n']}")
         return cls(
