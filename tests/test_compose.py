@@ -105,17 +105,47 @@ def test_start_order_waits_for_health_and_migration():
     migrate = FLICKD["migrate"]
     assert migrate["command"] == ["db", "upgrade"] and migrate["restart"] == "no"
     assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    one_shot = {"migrate", "object-store-bucket"}
     for name, service in SERVICES.items():
         for dependency, rule in (service.get("depends_on") or {}).items():
             expected = (
-                "service_completed_successfully" if dependency == "migrate" else "service_healthy"
+                "service_completed_successfully" if dependency in one_shot else "service_healthy"
             )
-            assert rule == {"condition": expected}, (name, dependency)
+            # A dependency in a profile the service is not in is optional: it may not be there.
+            theirs = set(SERVICES[dependency].get("profiles") or [])
+            optional = bool(theirs - set(service.get("profiles") or []))
+            want = {"condition": expected, **({"required": False} if optional else {})}
+            assert rule == want, (name, dependency)
             if expected == "service_healthy":
                 assert "healthcheck" in SERVICES[dependency], dependency
     for name in ("download-worker", "gpu-worker", "api", "metrics"):
-        assert set(FLICKD[name]["depends_on"]) == {"redis", "postgres", "migrate"}, name
+        assert set(FLICKD[name]["depends_on"]) == {
+            "redis",
+            "postgres",
+            "migrate",
+            "object-store-bucket",
+        }, name
     assert set(FLICKD["flower"]["depends_on"]) == {"redis"}
+
+
+def test_object_store_profile_is_optional_and_wired_to_every_service():
+    store, bucket = SERVICES["object-store"], SERVICES["object-store-bucket"]
+    assert store["profiles"] == bucket["profiles"] == ["object-store"]
+    assert "object-data" in COMPOSE["volumes"] and "healthcheck" in store
+    assert "minio server /data" in " ".join(store["command"])
+    assert "mc mb --ignore-existing" in " ".join(bucket["entrypoint"])
+    # Nothing else is in a profile but the operator's cli: `docker compose up` needs no store.
+    assert {n for n, s in SERVICES.items() if s.get("profiles")} == {
+        "object-store",
+        "object-store-bucket",
+        "cli",
+    }
+    for name, service in FLICKD.items():
+        env = service["environment"]
+        for key in ("FLICKD_STORAGE_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
+            assert key in env and env[key] is None, (name, key)  # passed through, never set here
+    example = (ROOT / ".env.example").read_text()
+    assert "# FLICKD_STORAGE_URL=s3://" in example and "# AWS_ENDPOINT_URL=" in example
 
 
 def test_workers_scale_and_the_gpu_worker_reserves_a_gpu():
@@ -155,7 +185,11 @@ def test_secrets_come_only_from_the_environment():
         "FLICKD_FLOWER_BASIC_AUTH",
     }
     for name, key, value in secrets:
-        assert REQUIRED_VAR.match(value), f"{name}.{key} must be ${{VAR:?…}}, got {value!r}"
+        # Required from the environment, or passed through from it (no value: set in the
+        # container only when the operator's environment has it); never a value in the file.
+        assert REQUIRED_VAR.match(value) or value == "None", (
+            f"{name}.{key} must be ${{VAR:?…}} or passed through, got {value!r}"
+        )
     for name, service in FLICKD.items():
         for key in ("FLICKD_DATABASE_URL", "FLICKD_BROKER_URL"):
             credentials = service["environment"][key].split("://", 1)[1].split("@", 1)[0]
