@@ -1,12 +1,25 @@
-"""Search API under concurrent text queries: the `flickd api` process with the `base` CLIP (ViT-B/32
-architecture, offline build) on this CPU, over an index of N catalog vectors (default 1,000,000),
-Postgres holding the crops and products they map back to.
+"""Search API under concurrent text queries: the `flickd api` process(es) with the `base` CLIP
+(ViT-B/32 architecture, offline build) on this CPU, over an index of N catalog vectors (default
+1,000,000), Postgres holding the crops and products they map back to.
 
-    .venv/bin/python -m bench.search --n 1000000 --clients 1,4,8 --seconds 20
+    .venv/bin/python -m bench.search --n 1000000 --clients 1,4,8,16 --seconds 20
+
+Three configurations in one run, over the same index and database:
+
+* ``baseline``: one process, no micro-batching (window 0, batch 1), no text cache: every query
+  is its own forward pass, as before batching;
+* ``batched``: one process, concurrent queries micro-batched (FLICKD_SEARCH_BATCH_WINDOW_MS,
+  FLICKD_SEARCH_MAX_BATCH at their defaults);
+* ``batched x2``: `flickd api --workers 2`, sharing the memory-mapped index.
+
+The text cache is off in all three and every query is a different text (colour x garment x
+wording, more than the run sends), so the figures are forward passes, not cache hits; one last
+line repeats a short list of queries with the cache on. Prints p50/p99 latency and queries/s
+per client count, end to end over HTTP on loopback, the API's memory (RSS and PSS, which
+counts shared pages once per sharer, summed over its processes) and the machine.
 
 The vectors are the index benchmark's clustered unit vectors (bench/index.py); the database rows
-behind them are generated in Postgres (generate_series). Prints p50/p99 latency and queries/s
-per client count, end to end over HTTP on loopback, and the machine.
+behind them are generated in Postgres (generate_series).
 """
 
 from __future__ import annotations
@@ -28,19 +41,18 @@ from db.session import get_engine
 from flickd.core.settings import Settings
 from synthetic.procs import free_port, spawn
 
-QUERIES = [
-    "a photo of a red dress",
-    "black leather shoes",
-    "a navy blue cardigan",
-    "white sneakers",
-    "a beige trench coat",
-    "olive green trousers",
-    "a small brown handbag",
-    "a striped top",
-    "a pair of blue jeans",
-    "a yellow summer skirt",
-    "a grey wool jacket",
-    "pink blouse",
+COLOURS = ["red", "navy", "black", "white", "beige", "green", "pink", "grey", "brown", "blue"]
+COLOURS += ["yellow", "orange", "purple", "olive", "cream", "burgundy", "teal", "khaki"]
+GARMENTS = ["dress", "jacket", "skirt", "top", "coat", "blouse", "cardigan", "sweater", "shirt"]
+GARMENTS += ["pair of shoes", "pair of sneakers", "handbag", "scarf", "hat", "pair of jeans"]
+WORDINGS = ["a photo of a {} {}", "a {} {}", "{} {} for women", "a {} {} in a shop window"]
+# Distinct texts: 18 x 15 x 4 = 1,080, each client walks its own stretch of the list.
+DISTINCT = [w.format(c, g) for w in WORDINGS for c in COLOURS for g in GARMENTS]
+REPEATED = DISTINCT[:12]
+CONFIGS: list[tuple[str, int, dict[str, str]]] = [
+    ("baseline", 1, {"FLICKD_SEARCH_BATCH_WINDOW_MS": "0", "FLICKD_SEARCH_MAX_BATCH": "1"}),
+    ("batched", 1, {}),
+    ("batched x2", 2, {}),
 ]
 
 
@@ -95,21 +107,24 @@ def _build_index(data: Path, settings: Settings, version_id: int) -> float:
     return time.perf_counter() - started
 
 
-def _load(base_url: str, clients: int, seconds: float) -> tuple[list[float], int]:
+def _load(
+    base_url: str, clients: int, seconds: float, queries: list[str]
+) -> tuple[list[float], int]:
     latencies: list[float] = []
     errors = 0
     lock = threading.Lock()
     stop = time.monotonic() + seconds
+    stride = max(1, len(queries) // clients)
 
-    def client(offset: int) -> None:
+    def client(number: int) -> None:
         nonlocal errors
         mine: list[float] = []
         bad = 0
         with httpx.Client(base_url=base_url, timeout=30) as http:
-            i = offset
+            i = number * stride
             while time.monotonic() < stop:
                 started = time.perf_counter()
-                response = http.get("/search", params={"q": QUERIES[i % len(QUERIES)], "k": 10})
+                response = http.get("/search", params={"q": queries[i % len(queries)], "k": 10})
                 mine.append(time.perf_counter() - started)
                 bad += response.status_code != 200
                 i += 1
@@ -125,24 +140,71 @@ def _load(base_url: str, clients: int, seconds: float) -> tuple[list[float], int
     return latencies, errors
 
 
-def _wait_ready(base_url: str, timeout: float = 600) -> dict:
+def _report(label: str, clients: int, seconds: float, latencies: list[float], errors: int) -> None:
+    latencies.sort()
+    p50 = statistics.median(latencies) * 1000
+    p99 = latencies[int(0.99 * (len(latencies) - 1))] * 1000
+    print(
+        f"{label:<12} clients={clients:<3} {len(latencies) / seconds:6.1f} queries/s  "
+        f"p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  errors {errors}",
+        flush=True,
+    )
+
+
+def _memory_mb(root: int) -> tuple[float, float, int]:
+    """(RSS, PSS, processes) of ``root`` and its descendants, from /proc."""
+    pids, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        pids.append(pid)
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as handle:
+                frontier += [int(c) for c in handle.read().split()]
+        except OSError:
+            pass
+    rss = pss = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    key, _, value = line.partition(":")
+                    if key == "Rss":
+                        rss += int(value.split()[0])
+                    elif key == "Pss":
+                        pss += int(value.split()[0])
+        except OSError:
+            pass
+    return rss / 1024, pss / 1024, len(pids)
+
+
+def _wait_ready(base_url: str, workers: int, timeout: float = 600) -> dict:
+    """The API's /health once it answers searches; with several processes, until a burst of
+    concurrent queries has reached each of them (each loads its models and maps the index)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             response = httpx.get(base_url + "/search", params={"q": "warm up", "k": 1}, timeout=60)
             if response.status_code == 200:
-                return httpx.get(base_url + "/health", timeout=10).json()
+                break
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise TimeoutError("the API did not answer a search")
+    else:
+        raise TimeoutError("the API did not answer a search")
+    if workers > 1:
+        for _ in range(3):
+            _load(base_url, 4 * workers, 3.0, REPEATED)
+    return httpx.get(base_url + "/health", timeout=10).json()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1_000_000)
-    parser.add_argument("--clients", default="1,4,8")
+    parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument(
+        "--configs", default=",".join(c[0] for c in CONFIGS), help="which configurations to run"
+    )
     args = parser.parse_args()
     stop_children_on_sigterm()
     print(machine())
@@ -152,6 +214,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="flickd-bench-search-"))
     data = work / "vectors.npy"
     generate(data, args.n, 512, "clustered")
+    counts = [int(c) for c in args.clients.split(",")]
+    wanted = args.configs.split(",")
     with scratch_postgres() as db_url:
         settings = Settings(
             database_url=db_url,
@@ -159,26 +223,39 @@ def main() -> None:
             detector_model="none",
             embedding_model=str(models["clip"]),
             device="cpu",
+            text_cache_size=0,
         )
         version_id = _version(settings)
         _rows(settings, args.n, version_id)
         build_s = _build_index(data, settings, version_id)
         print(f"index: {args.n:,} vectors (clustered, dim 512) built in {build_s:.0f}s")
+        for label, workers, env in [c for c in CONFIGS if c[0] in wanted]:
+            port = free_port()
+            cmd = [sys.executable, "-m", "flickd.cli", "api", "--port", str(port)]
+            cmd += ["--workers", str(workers)]
+            with spawn(cmd, settings, work / f"api-{workers}.log", None, extra_env=env) as api:
+                base_url = f"http://127.0.0.1:{port}"
+                health = _wait_ready(base_url, workers)
+                if label == wanted[0]:
+                    print(f"api: {health}")
+                for clients in counts:
+                    latencies, errors = _load(base_url, clients, args.seconds, DISTINCT)
+                    _report(label, clients, args.seconds, latencies, errors)
+                rss, pss, procs = _memory_mb(api.pid)
+                print(
+                    f"{label:<12} memory: RSS {rss:,.0f} MB, PSS {pss:,.0f} MB ({procs} processes)",
+                    flush=True,
+                )
         port = free_port()
         cmd = [sys.executable, "-m", "flickd.cli", "api", "--port", str(port)]
-        with spawn(cmd, settings, work / "api.log", ready=None):
+        cached = {"FLICKD_TEXT_CACHE_SIZE": "4096"}
+        with spawn(cmd, settings, work / "api-cached.log", None, extra_env=cached):
             base_url = f"http://127.0.0.1:{port}"
-            health = _wait_ready(base_url)
-            print(f"api: {health}")
-            for clients in [int(c) for c in args.clients.split(",")]:
-                latencies, errors = _load(base_url, clients, args.seconds)
-                latencies.sort()
-                p50 = statistics.median(latencies) * 1000
-                p99 = latencies[int(0.99 * (len(latencies) - 1))] * 1000
-                print(
-                    f"clients={clients}: {len(latencies) / args.seconds:.1f} queries/s, "
-                    f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, errors {errors}"
-                )
+            _wait_ready(base_url, 1)
+            clients = max(counts)
+            latencies, errors = _load(base_url, clients, args.seconds, REPEATED)
+            _report("cached", clients, args.seconds, latencies, errors)
+            print(f"(cached: {len(REPEATED)} texts repeated, text cache on, batched, 1 process)")
 
 
 if __name__ == "__main__":
