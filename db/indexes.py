@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, Select, and_, func, select, update
 
-from db.schema import Embedding, IndexBuild, IndexBuildStatus
+from db.schema import Crop, Embedding, Image, IndexBuild, IndexBuildStatus, Product
 from db.session import session_scope
 from flickd.core.settings import Settings
 
@@ -19,7 +19,10 @@ class EmbeddingChunks:
     """The embeddings of one model version, read in chunks of (crop ids, float32 vectors).
 
     Each call of :meth:`chunks` is one pass over the same rows: those with an id up to ``top_id``,
-    the highest when the reader was made, so rows added meanwhile wait for the next build."""
+    the highest when the reader was made, so rows added meanwhile wait for the next build.
+    Only served crops count: a delisted product's or a retired image's crops stay out of the
+    index (``_served``; the passes must agree, so a listing change between two passes of one
+    build is an error, and the build is retried)."""
 
     settings: Settings
     model_version_id: int
@@ -30,7 +33,7 @@ class EmbeddingChunks:
 
     def chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         query = (
-            select(Embedding.crop_id, Embedding.vector)
+            _served(select(Embedding.crop_id, Embedding.vector))
             .where(Embedding.model_version_id == self.model_version_id, Embedding.id <= self.top_id)
             .order_by(Embedding.id)
             .execution_options(yield_per=self.chunk_rows)
@@ -42,6 +45,18 @@ class EmbeddingChunks:
                 yield ids, np.frombuffer(blob, dtype="<f4").reshape(len(rows), self.dim)
 
 
+def _served(query: Select[Any]) -> Select[Any]:
+    """``query`` over embeddings, limited to crops a search may return: the product listed
+    (NULL counts as listed) and the image not retired."""
+    served: ColumnElement[bool] = and_(Product.listed.is_not(False), Image.retired_at.is_(None))
+    return (
+        query.join(Crop, Crop.id == Embedding.crop_id)
+        .join(Image, Image.id == Crop.image_id)
+        .join(Product, Product.id == Image.product_id)
+        .where(served)
+    )
+
+
 def embedding_chunks(
     settings: Settings, model_version_id: int, *, chunk_rows: int = 5_000
 ) -> EmbeddingChunks:
@@ -49,10 +64,11 @@ def embedding_chunks(
     when they do not all have one dimension."""
     of_version = Embedding.model_version_id == model_version_id
     with session_scope(settings) as session:
-        n, top, dims = session.execute(
-            select(
-                func.count(), func.max(Embedding.id), func.count(func.distinct(Embedding.dim))
-            ).where(of_version)
+        top = session.scalar(select(func.max(Embedding.id)).where(of_version))
+        n, dims = session.execute(
+            _served(select(func.count(), func.count(func.distinct(Embedding.dim)))).where(
+                of_version, Embedding.id <= (top or 0)
+            )
         ).one()
         dim = session.scalar(select(Embedding.dim).where(of_version).limit(1))
     if not n or dims != 1:
