@@ -81,6 +81,7 @@ class ProductHit(BaseModel):
     brand: str | None
     category: str | None
     price: float | None
+    in_stock: bool | None = None  # None: the feed does not say
     score: float  # cosine similarity in [-1, 1]
     match: MatchType
     crop_id: int
@@ -435,6 +436,7 @@ class SearchService:
             brand=row.brand,
             category=row.category,
             price=row.price,
+            in_stock=row.in_stock,
             score=score,
             match=match_type(score, self.settings.match_exact, self.settings.match_similar),
             crop_id=row.crop_id,
