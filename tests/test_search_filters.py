@@ -4,6 +4,7 @@ message; a filter value that no product has."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -303,3 +304,26 @@ def test_make_filter_checks_alone():
         make_filter(colour="olive drab")
     assert make_filter(colour=" NAVY ").colour_family == "navy"
     assert make_filter(min_price=10, max_price=10).max_price == 10
+
+
+def test_cli_filters(catalog_db):
+    from tests.conftest import run_flickd, settings_env
+
+    env = settings_env(catalog_db)
+    out = run_flickd("search", "--text", "a dress", "--colour", "pumpkin", env=env, expect_ok=False)
+    assert out.returncode == 2 and "use one of: black, white" in out.stderr
+    out = run_flickd(
+        "search", "--text", "a dress", "--min-price", "9", "--max-price", "1", env=env,
+        expect_ok=False,
+    )
+    assert out.returncode == 2 and "min_price (9) is above max_price (1)" in out.stderr
+    out = run_flickd(
+        "search", "--text", "a dress", "--brand", "acme", "--max-price", "150", "--in-stock",
+        "--json", env=env,
+    )
+    body = json.loads(out.stdout)
+    hits = body["items"][0]["results"]
+    assert body["filters"] == {"brand": "acme", "max_price": 150.0, "in_stock": True}
+    assert hits and all(
+        h["brand"] == "Acme" and h["price"] <= 150 and h["in_stock"] is True for h in hits
+    )

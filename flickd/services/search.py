@@ -531,6 +531,9 @@ def format_response(response: SearchResponse) -> str:
         f"model {response.model_version} · {response.index_vectors} indexed crops · "
         f"{response.took_ms:.0f} ms"
     ]
+    if response.filters:
+        lines.append("filters: " + ", ".join(f"{k}={v}" for k, v in response.filters.items()))
+    lines.extend(f"note: {note}" for note in response.notes)
     for number, item in enumerate(response.items, start=1):
         if response.kind == "image":
             lines.append(_item_heading(number, item))
