@@ -6,7 +6,10 @@ Postgres holding the crops and products they map back to.
 
 The vectors are the index benchmark's clustered unit vectors (bench/index.py); the database rows
 behind them are generated in Postgres (generate_series). Prints p50/p99 latency and queries/s
-per client count, end to end over HTTP on loopback, and the machine.
+per client count, end to end over HTTP on loopback, and the machine; then p50/p99 with one
+client for filters that keep 50% (``colour=red``: every other crop), 5% (``brand=b0``: every
+20th product) and 0.1% (``max_price=0``: every 1000th product) of the catalog
+(``--filter-seconds`` each; 0 skips them).
 """
 
 from __future__ import annotations
@@ -47,15 +50,18 @@ QUERIES = [
 def _rows(settings: Settings, n: int, version_id: int) -> None:
     """Products, images and crops for crop ids 1..n, written by Postgres itself."""
     sql = [
-        "INSERT INTO products (id, catalog, external_id, title, brand, category, created_at) "
-        "SELECT g, 'default', 'p' || g, 'Product ' || g, 'Brand', 'dress', now() "
+        # brand b0..b19 and price 0..999 by product id, so the filters' shares are exact
+        "INSERT INTO products (id, catalog, external_id, title, brand, category, price, "
+        "in_stock, created_at) SELECT g, 'default', 'p' || g, 'Product ' || g, "
+        "'b' || (g % 20), 'dress', g % 1000, true, now() "
         f"FROM generate_series(1, {n // 4 + 1}) g",
         "INSERT INTO images (id, product_id, url, url_hash, state, attempts, created_at, "
         "updated_at) SELECT g, g / 4 + 1, 'https://cdn.example.com/' || g || '.jpg', md5(g::text), "
         f"'analyzed', 1, now(), now() FROM generate_series(1, {n}) g",
         "INSERT INTO crops (id, image_id, crop_index, x0, y0, x1, y1, nx0, ny0, nx1, ny1, "
-        "fine_label, coarse_label, whole_image, colour_name, colour_rgb, prompt, created_at) "
-        "SELECT g, g, 0, 0, 0, 100, 100, 0, 0, 1, 1, 'dress', 'dress', true, 'navy', "
+        "fine_label, coarse_label, whole_image, colour_name, colour_family, colour_rgb, prompt, "
+        "created_at) SELECT g, g, 0, 0, 0, 100, 100, 0, 0, 1, 1, 'dress', 'dress', true, "
+        "'navy', CASE WHEN g % 2 = 0 THEN 'red' ELSE 'navy' END, "
         f"'#112244', 'a photo of a navy dress', now() FROM generate_series(1, {n}) g",
     ]
     with get_engine(settings).begin() as conn:
@@ -95,7 +101,16 @@ def _build_index(data: Path, settings: Settings, version_id: int) -> float:
     return time.perf_counter() - started
 
 
-def _load(base_url: str, clients: int, seconds: float) -> tuple[list[float], int]:
+FILTERS = {
+    "50% (colour=red)": {"colour": "red"},
+    "5% (brand=b0)": {"brand": "b0"},
+    "0.1% (max_price=0)": {"max_price": 0},
+}
+
+
+def _load(
+    base_url: str, clients: int, seconds: float, extra: dict[str, object] | None = None
+) -> tuple[list[float], int]:
     latencies: list[float] = []
     errors = 0
     lock = threading.Lock()
@@ -109,9 +124,13 @@ def _load(base_url: str, clients: int, seconds: float) -> tuple[list[float], int
             i = offset
             while time.monotonic() < stop:
                 started = time.perf_counter()
-                response = http.get("/search", params={"q": QUERIES[i % len(QUERIES)], "k": 10})
+                params = {"q": QUERIES[i % len(QUERIES)], "k": 10, **(extra or {})}
+                response = http.get("/search", params=params)
+                short = response.status_code == 200 and any(
+                    len(item["results"]) < 10 for item in response.json()["items"]
+                )
                 mine.append(time.perf_counter() - started)
-                bad += response.status_code != 200
+                bad += response.status_code != 200 or short  # k=10 always exist here
                 i += 1
         with lock:
             latencies.extend(mine)
@@ -143,6 +162,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--clients", default="1,4,8")
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--filter-seconds", type=float, default=20)
     args = parser.parse_args()
     stop_children_on_sigterm()
     print(machine())
@@ -178,6 +198,16 @@ def main() -> None:
                 print(
                     f"clients={clients}: {len(latencies) / args.seconds:.1f} queries/s, "
                     f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, errors {errors}"
+                )
+            for name, params in FILTERS.items() if args.filter_seconds > 0 else ():
+                latencies, errors = _load(base_url, 1, args.filter_seconds, params)
+                latencies.sort()
+                p50 = statistics.median(latencies) * 1000
+                p99 = latencies[int(0.99 * (len(latencies) - 1))] * 1000
+                print(
+                    f"filter {name}, clients=1: {len(latencies) / args.filter_seconds:.1f} "
+                    f"queries/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms, errors {errors} "
+                    "(an error: not 200, or fewer than k results)"
                 )
 
 

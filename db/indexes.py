@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, Select, and_, func, select, update
+from sqlalchemy import ColumnElement, and_, func, select, update
 
 from db.schema import Crop, Embedding, Image, IndexBuild, IndexBuildStatus, Product
 from db.session import session_scope
@@ -45,7 +45,7 @@ class EmbeddingChunks:
                 yield ids, np.frombuffer(blob, dtype="<f4").reshape(len(rows), self.dim)
 
 
-def _served(query: Select[Any]) -> Select[Any]:
+def _served(query: Any) -> Any:
     """``query`` over embeddings, limited to crops a search may return: the product listed
     (NULL counts as listed) and the image not retired."""
     served: ColumnElement[bool] = and_(Product.listed.is_not(False), Image.retired_at.is_(None))
@@ -74,7 +74,7 @@ def embedding_chunks(
     if not n or dims != 1:
         raise ValueError(f"model version {model_version_id}: {n} embeddings of {dims} dims")
     assert dim is not None  # n > 0 embeddings of this version, and dim is NOT NULL
-    return EmbeddingChunks(settings, model_version_id, n, dim, top, chunk_rows)
+    return EmbeddingChunks(settings, model_version_id, n, dim, int(top or 0), chunk_rows)
 
 
 def record_index_build(

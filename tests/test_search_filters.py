@@ -24,7 +24,7 @@ from flickd.services.search import SearchService
 from models.colour import COLOUR_FAMILIES
 from models.embedder import Embedder
 from models.index.live import CropFilter
-from tests.models_fixtures import tiny_embedder, tiny_models  # noqa: F401  (fixtures)
+from tests.models_fixtures import tiny_embedder, tiny_models
 from workers.indexing import build_from_database
 
 BRANDS = ["Acme", "Zed", "Lumen", "Orbit", None]
@@ -190,7 +190,7 @@ def random_filter(rng: np.random.Generator) -> CropFilter:
 
 
 @pytest.fixture(scope="module")
-def catalog_db(pg_url, tmp_path_factory, tiny_models, tiny_embedder) -> Settings:  # noqa: F811
+def catalog_db(pg_url, tmp_path_factory, tiny_models, tiny_embedder) -> Settings:
     from tests.conftest import _truncate_all
 
     _truncate_all(pg_url)
@@ -212,7 +212,7 @@ def client(catalog_db: Settings) -> Iterator[TestClient]:
         yield test_client
 
 
-def test_random_filters_never_leak_and_match_brute_force(catalog_db, tiny_embedder):  # noqa: F811
+def test_random_filters_never_leak_and_match_brute_force(catalog_db, tiny_embedder):
     service = SearchService(catalog_db)
     rng = np.random.default_rng(7)
     checked_short = checked_full = 0
@@ -231,7 +231,7 @@ def test_random_filters_never_leak_and_match_brute_force(catalog_db, tiny_embedd
     assert checked_short and checked_full
 
 
-def test_a_very_selective_filter_still_returns_k_results(catalog_db, tiny_embedder):  # noqa: F811
+def test_a_very_selective_filter_still_returns_k_results(catalog_db, tiny_embedder):
     # the narrowest combination that still holds at least 3 products
     service = SearchService(catalog_db)
     query = tiny_embedder.embed_texts(["a dress"])[0]
@@ -313,13 +313,28 @@ def test_cli_filters(catalog_db):
     out = run_flickd("search", "--text", "a dress", "--colour", "pumpkin", env=env, expect_ok=False)
     assert out.returncode == 2 and "use one of: black, white" in out.stderr
     out = run_flickd(
-        "search", "--text", "a dress", "--min-price", "9", "--max-price", "1", env=env,
+        "search",
+        "--text",
+        "a dress",
+        "--min-price",
+        "9",
+        "--max-price",
+        "1",
+        env=env,
         expect_ok=False,
     )
     assert out.returncode == 2 and "min_price (9) is above max_price (1)" in out.stderr
     out = run_flickd(
-        "search", "--text", "a dress", "--brand", "acme", "--max-price", "150", "--in-stock",
-        "--json", env=env,
+        "search",
+        "--text",
+        "a dress",
+        "--brand",
+        "acme",
+        "--max-price",
+        "150",
+        "--in-stock",
+        "--json",
+        env=env,
     )
     body = json.loads(out.stdout)
     hits = body["items"][0]["results"]

@@ -18,7 +18,7 @@ from db.session import session_scope
 from flickd.core.settings import Settings
 from flickd.services.search import SearchService
 from tests.conftest import FAST_DOWNLOADS, _truncate_all, catalog_fixture, wait_until
-from tests.models_fixtures import tiny_models  # noqa: F401  (fixture)
+from tests.models_fixtures import tiny_models
 from tests.test_search_api import active_version_id, ingest_products
 from workers.indexing import build_from_database
 
@@ -29,7 +29,7 @@ catalog = catalog_fixture(8, seed=23)
 
 
 @pytest.fixture(scope="module")
-def settings(pg_url, tmp_path_factory, tiny_models, catalog, server) -> Settings:  # noqa: F811
+def settings(pg_url, tmp_path_factory, tiny_models, catalog, server) -> Settings:
     _truncate_all(pg_url)
     settings = Settings(
         database_url=pg_url,
@@ -103,7 +103,8 @@ def test_new_crops_delistings_and_retired_images_reach_every_replica(
     old_bases = [s.freshness.current().base for s in replicas]
     wait_until(
         lambda: all(
-            s.freshness.current().base is not old for s, old in zip(replicas, old_bases, strict=True)
+            s.freshness.current().base is not old
+            for s, old in zip(replicas, old_bases, strict=True)
         ),
         BOUND,
         "both replicas to serve the rebuilt index",

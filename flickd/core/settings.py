@@ -198,7 +198,7 @@ class Settings(BaseSettings):
         if self.cache_max_bytes < 1 or self.index_poll_seconds < 0:
             raise ValueError("cache_max_bytes must be above 0, index_poll_seconds not negative")
         if min(self.freshness_poll_seconds, self.freshness_overlap_seconds) < 0 or not (
-            0 < self.rebuild_drift_share and self.freshness_resync_seconds > 0
+            self.rebuild_drift_share > 0 and self.freshness_resync_seconds > 0
         ):
             raise ValueError(
                 "freshness_poll_seconds and freshness_overlap_seconds must not be negative, "

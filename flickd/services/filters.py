@@ -57,7 +57,9 @@ def make_filter(
             )
     for name, value in (("min_price", min_price), ("max_price", max_price)):
         if value is not None and (not math.isfinite(value) or value < 0):
-            raise FilterError("bad_price_range", f"{name} must be a price of 0 or more, not {value}")
+            raise FilterError(
+                "bad_price_range", f"{name} must be a price of 0 or more, not {value}"
+            )
     if min_price is not None and max_price is not None and min_price > max_price:
         raise FilterError(
             "bad_price_range",

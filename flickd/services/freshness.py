@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from db.schema import utcnow
 from db.serving import (
     all_crop_facts,
     crop_facts,
@@ -52,7 +53,6 @@ from db.serving import (
     images_retired_since,
     products_changed_since,
 )
-from db.schema import utcnow
 from db.session import session_scope
 from flickd.core.settings import Settings
 from models.index import IndexHolder
@@ -65,9 +65,7 @@ def facts_from_rows(rows: Sequence[Any]) -> CropFacts:
     """``CropFacts`` from rows of ``db.serving`` (``FACT_COLUMNS`` order)."""
     n = len(rows)
     cols = list(zip(*rows, strict=True)) if n else [()] * 11
-    price = np.fromiter(
-        (math.nan if p is None else float(p) for p in cols[8]), np.float64, n
-    )
+    price = np.fromiter((math.nan if p is None else float(p) for p in cols[8]), np.float64, n)
     stock = np.fromiter(
         (STOCK_UNKNOWN if s is None else STOCK_IN if s else STOCK_OUT for s in cols[9]),
         np.int8,

@@ -151,6 +151,7 @@ class LiveIndex:
         self.n_rows = self.n_base
         self._vocab: dict[str, int] = {}
         self._known: dict[str, set[int]] = {name: set() for name in _STRING_COLUMNS}
+        self._raw: dict[str, dict[str | None, int]] = {name: {} for name in _STRING_COLUMNS}
         self._write = threading.Lock()
         self.version = 0  # bumped by every write: cached masks are keyed by it
 
@@ -258,13 +259,18 @@ class LiveIndex:
         self.version += 1
 
     def _code(self, column: str, value: str | None) -> int:
+        seen = self._raw[column].get(value)  # the same raw strings recur: skip word()
+        if seen is not None:
+            return seen
         key = word(value)
         if key is None:
-            return NONE
-        code = self._vocab.get(key)
-        if code is None:
-            code = self._vocab[key] = len(self._vocab)
-        self._known[column].add(code)
+            code = NONE
+        else:
+            code = self._vocab.get(key, NONE)
+            if code == NONE:
+                code = self._vocab[key] = len(self._vocab)
+            self._known[column].add(code)
+        self._raw[column][value] = code
         return code
 
     def _grow(self, rows: int) -> None:
