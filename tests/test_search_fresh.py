@@ -99,8 +99,8 @@ def test_new_crops_delistings_and_retired_images_reach_every_replica(
     )
 
     # a rebuild leaves it out; relisting brings it back (its vector comes to the delta)
+    old_bases = [s.freshness.current().base for s in replicas]  # before: a replica is quick
     build_from_database(settings, active_version_id(settings), settings.index_dir)
-    old_bases = [s.freshness.current().base for s in replicas]
     wait_until(
         lambda: all(
             s.freshness.current().base is not old
