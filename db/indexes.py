@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import ColumnElement, and_, func, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy.orm import Session
 
-from db.schema import Crop, Embedding, Image, IndexBuild, IndexBuildStatus, Product
+from db.schema import Crop, Embedding, Image, IndexBuild, IndexBuildStatus, Product, utcnow
 from db.session import session_scope
 from flickd.core.settings import Settings
 
@@ -102,3 +104,71 @@ def record_index_build(
         build.n_vectors, build.params, build.active = n_vectors, params, True
         build.status = IndexBuildStatus.READY.value
         session.add(build)
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far the catalog moved from the served build: vectors added since (not in the build)
+    and crops in the build that left search since (delisted product, retired image)."""
+
+    build_id: int
+    model_version_id: int
+    n_vectors: int
+    added: int
+    left: int
+
+    @property
+    def share(self) -> float:
+        return (self.added + self.left) / max(1, self.n_vectors)
+
+
+def served_build_drift(session: Session) -> Drift | None:
+    """The drift of the active, ready build; None when there is none, when another build is
+    pending or running, or when the build does not say what it holds (older builds)."""
+    build = session.scalars(
+        select(IndexBuild)
+        .where(IndexBuild.active.is_(True), IndexBuild.status == IndexBuildStatus.READY)
+        .order_by(IndexBuild.id.desc())
+    ).first()
+    busy = session.scalar(
+        select(func.count())
+        .select_from(IndexBuild)
+        .where(IndexBuild.status.in_([IndexBuildStatus.PENDING, IndexBuildStatus.BUILDING]))
+    )
+    params = (build.params or {}) if build is not None else {}
+    if build is None or busy or "top_embedding_id" not in params or "catalog_as_of" not in params:
+        return None
+    top = int(params["top_embedding_id"])
+    as_of = datetime.fromisoformat(str(params["catalog_as_of"]))
+    version = Embedding.model_version_id == build.model_version_id
+    added = session.scalar(select(func.count()).where(version, Embedding.id > top)) or 0
+    left_search = or_(
+        and_(Product.listed.is_(False), Product.updated_at > as_of), Image.retired_at > as_of
+    )
+    left = (
+        session.scalar(
+            select(func.count())
+            .select_from(Embedding)
+            .join(Crop, Crop.id == Embedding.crop_id)
+            .join(Image, Image.id == Crop.image_id)
+            .join(Product, Product.id == Image.product_id)
+            .where(version, Embedding.id <= top, left_search)
+        )
+        or 0
+    )
+    return Drift(build.id, build.model_version_id, int(build.n_vectors), added, left)
+
+
+def request_build(session: Session, version_id: int, reason: dict[str, Any]) -> None:
+    """A pending build of ``version_id`` over every crop there is now: the embedding task
+    that takes it (``flickd.embed_crops`` with no crops) claims and builds it."""
+    up_to = session.scalar(select(func.max(Crop.id))) or 0
+    session.add(
+        IndexBuild(
+            model_version_id=version_id,
+            status=IndexBuildStatus.PENDING.value,
+            n_vectors=0,
+            params={"up_to_crop_id": up_to, **reason},
+            updated_at=utcnow(),
+        )
+    )
