@@ -12,14 +12,14 @@ from db.session import session_scope
 from flickd.core.settings import Settings
 from models.index import load_current
 from tests.conftest import celery_worker, wait_until
-from tests.models_fixtures import tiny_embedder, tiny_models  # noqa: F401  (fixtures)
+from tests.models_fixtures import tiny_embedder, tiny_models
 from tests.test_search_filters import generated_catalog
 from workers.indexing import build_from_database
 from workers.reconcile import reconcile_once
 
 
 @pytest.fixture()
-def settings(pg_settings: Settings, tiny_models) -> Settings:  # noqa: F811
+def settings(pg_settings: Settings, tiny_models) -> Settings:
     return pg_settings.model_copy(
         update={
             "finalize": "index",
@@ -33,7 +33,7 @@ def settings(pg_settings: Settings, tiny_models) -> Settings:  # noqa: F811
 
 
 @pytest.mark.services
-def test_drift_past_the_share_rebuilds_the_index_once(settings, tiny_embedder):  # noqa: F811
+def test_drift_past_the_share_rebuilds_the_index_once(settings, tiny_embedder):
     version = generated_catalog(settings, tiny_embedder, seed=3)
     build_from_database(settings, version)
     served = load_current(settings.index_dir).ntotal

@@ -47,8 +47,8 @@ from sqlalchemy import and_, func, select, update
 
 from db.counters import add_counts
 from db.embeddings import missing_crop_ids
-from db.indexes import request_build, served_build_drift
 from db.images import fail_exhausted, take_stalled
+from db.indexes import request_build, served_build_drift
 from db.runs import close_runs, finalize_claimable
 from db.schema import (
     FinalizeStatus,
