@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
+import pandas as pd
 
 from models.index.build import normalised
 from models.index.vector_index import VectorIndex
@@ -215,7 +216,7 @@ class LiveIndex:
         rows = self.rows_of(facts.crop_ids)
         held = rows >= 0
         with self._write:
-            self._set(rows[held], facts.take(np.flatnonzero(held)))
+            self._set(rows[held], facts if held.all() else facts.take(np.flatnonzero(held)))
         return np.asarray(facts.crop_ids)[~held]
 
     def add(self, facts: CropFacts, vectors: np.ndarray) -> int:
@@ -249,10 +250,10 @@ class LiveIndex:
             return
         self._product[rows] = facts.product_ids
         for name in _STRING_COLUMNS:
-            codes = np.fromiter(
-                (self._code(name, v) for v in getattr(facts, name)), np.int32, len(rows)
-            )
-            self._strings[name][rows] = codes
+            # each distinct raw string once (pandas' hash table), then a vectorised take
+            labels, uniques = pd.factorize(np.asarray(getattr(facts, name), dtype=object))
+            table = np.fromiter((self._code(name, v) for v in uniques), np.int32, len(uniques))
+            self._strings[name][rows] = np.where(labels >= 0, table[np.maximum(labels, 0)], NONE)
         self._price[rows] = facts.price
         self._stock[rows] = facts.in_stock
         self._served[rows] = facts.served
