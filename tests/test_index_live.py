@@ -118,3 +118,16 @@ def test_tombstones_leave_and_delta_arrives(built) -> None:
     new.served[:] = False
     live.update(new)
     assert 10**9 not in live.search(target, 3)[1][0].tolist()
+
+
+def test_facts_with_a_column_all_missing(built) -> None:
+    index, ids, _ = built
+    live = LiveIndex(index)
+    facts = facts_for(ids, seed=9)
+    facts.brand = [None] * len(ids)  # a feed without brands
+    facts.colour_family = [None] * len(ids)  # crops analysed before colour families
+    live.update(facts)
+    assert live.ntotal == len(ids)
+    assert live.mask(CropFilter(brand="acme")).rows.sum() == 0
+    assert live.mask(CropFilter(colour_family="red")).unknown == {"colour": "red"}
+    assert live.facets()["brands"] == []

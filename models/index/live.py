@@ -252,7 +252,8 @@ class LiveIndex:
         for name in _STRING_COLUMNS:
             # each distinct raw string once (pandas' hash table), then a vectorised take
             labels, uniques = pd.factorize(np.asarray(getattr(facts, name), dtype=object))
-            table = np.fromiter((self._code(name, v) for v in uniques), np.int32, len(uniques))
+            codes = (self._code(name, v) for v in uniques)
+            table = np.fromiter(codes, np.int32, len(uniques)) if len(uniques) else np.array([NONE])
             self._strings[name][rows] = np.where(labels >= 0, table[np.maximum(labels, 0)], NONE)
         self._price[rows] = facts.price
         self._stock[rows] = facts.in_stock
