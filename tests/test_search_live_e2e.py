@@ -19,7 +19,7 @@ from producer.ingest import ingest
 from synthetic.catalog import write_feed
 from synthetic.procs import free_port, spawn
 from tests.conftest import catalog_fixture, celery_worker, wait_for_run, wait_until
-from tests.models_fixtures import tiny_models  # noqa: F401  (fixture)
+from tests.models_fixtures import tiny_models
 from workers.indexing import build_from_database
 
 HANG = 90  # seconds the slow image takes: the run stays open far longer than the test waits
@@ -28,7 +28,7 @@ catalog = catalog_fixture(5, seed=31)
 
 
 @pytest.fixture()
-def settings(pg_settings: Settings, tiny_models) -> Settings:  # noqa: F811
+def settings(pg_settings: Settings, tiny_models) -> Settings:
     return pg_settings.model_copy(
         update={
             "last_stage": "analyze",
