@@ -19,7 +19,11 @@ per client count, end to end over HTTP on loopback, the API's memory (RSS and PS
 counts shared pages once per sharer, summed over its processes) and the machine.
 
 The vectors are the index benchmark's clustered unit vectors (bench/index.py); the database rows
-behind them are generated in Postgres (generate_series).
+behind them are generated in Postgres (generate_series), with brands b0..b19, prices 0..999 and
+a red or navy colour per crop, so that the filtered figures (one client, ``--filter-seconds``
+each, 0 skips them, in the batched process) keep exact shares: 50% (``colour=red``: every
+other crop), 5% (``brand=b0``: every 20th product) and 0.1% (``max_price=0``: every 1000th
+product) of the catalog. An error is an answer other than 200, or fewer than k results.
 """
 
 from __future__ import annotations
@@ -59,15 +63,18 @@ CONFIGS: list[tuple[str, int, dict[str, str]]] = [
 def _rows(settings: Settings, n: int, version_id: int) -> None:
     """Products, images and crops for crop ids 1..n, written by Postgres itself."""
     sql = [
-        "INSERT INTO products (id, catalog, external_id, title, brand, category, created_at) "
-        "SELECT g, 'default', 'p' || g, 'Product ' || g, 'Brand', 'dress', now() "
+        # brand b0..b19 and price 0..999 by product id, so the filters' shares are exact
+        "INSERT INTO products (id, catalog, external_id, title, brand, category, price, "
+        "in_stock, created_at) SELECT g, 'default', 'p' || g, 'Product ' || g, "
+        "'b' || (g % 20), 'dress', g % 1000, true, now() "
         f"FROM generate_series(1, {n // 4 + 1}) g",
         "INSERT INTO images (id, product_id, url, url_hash, state, attempts, created_at, "
         "updated_at) SELECT g, g / 4 + 1, 'https://cdn.example.com/' || g || '.jpg', md5(g::text), "
         f"'analyzed', 1, now(), now() FROM generate_series(1, {n}) g",
         "INSERT INTO crops (id, image_id, crop_index, x0, y0, x1, y1, nx0, ny0, nx1, ny1, "
-        "fine_label, coarse_label, whole_image, colour_name, colour_rgb, prompt, created_at) "
-        "SELECT g, g, 0, 0, 0, 100, 100, 0, 0, 1, 1, 'dress', 'dress', true, 'navy', "
+        "fine_label, coarse_label, whole_image, colour_name, colour_family, colour_rgb, prompt, "
+        "created_at) SELECT g, g, 0, 0, 0, 100, 100, 0, 0, 1, 1, 'dress', 'dress', true, "
+        "'navy', CASE WHEN g % 2 = 0 THEN 'red' ELSE 'navy' END, "
         f"'#112244', 'a photo of a navy dress', now() FROM generate_series(1, {n}) g",
     ]
     with get_engine(settings).begin() as conn:
@@ -107,8 +114,19 @@ def _build_index(data: Path, settings: Settings, version_id: int) -> float:
     return time.perf_counter() - started
 
 
+FILTERS = {
+    "50% (colour=red)": {"colour": "red"},
+    "5% (brand=b0)": {"brand": "b0"},
+    "0.1% (max_price=0)": {"max_price": 0},
+}
+
+
 def _load(
-    base_url: str, clients: int, seconds: float, queries: list[str]
+    base_url: str,
+    clients: int,
+    seconds: float,
+    queries: list[str],
+    extra: dict[str, object] | None = None,
 ) -> tuple[list[float], int]:
     latencies: list[float] = []
     errors = 0
@@ -124,9 +142,13 @@ def _load(
             i = number * stride
             while time.monotonic() < stop:
                 started = time.perf_counter()
-                response = http.get("/search", params={"q": queries[i % len(queries)], "k": 10})
+                params = {"q": queries[i % len(queries)], "k": 10, **(extra or {})}
+                response = http.get("/search", params=params)
+                short = response.status_code == 200 and any(
+                    len(item["results"]) < 10 for item in response.json()["items"]
+                )
                 mine.append(time.perf_counter() - started)
-                bad += response.status_code != 200
+                bad += response.status_code != 200 or short  # k=10 always exist here
                 i += 1
         with lock:
             latencies.extend(mine)
@@ -146,7 +168,7 @@ def _report(label: str, clients: int, seconds: float, latencies: list[float], er
     p99 = latencies[int(0.99 * (len(latencies) - 1))] * 1000
     print(
         f"{label:<12} clients={clients:<3} {len(latencies) / seconds:6.1f} queries/s  "
-        f"p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  errors {errors}",
+        f"p50 {p50:6.1f} ms  p99 {p99:6.1f} ms  errors {errors} (not 200, or fewer than k)",
         flush=True,
     )
 
@@ -205,6 +227,7 @@ def main() -> None:
     parser.add_argument(
         "--configs", default=",".join(c[0] for c in CONFIGS), help="which configurations to run"
     )
+    parser.add_argument("--filter-seconds", type=float, default=20)
     args = parser.parse_args()
     stop_children_on_sigterm()
     print(machine())
@@ -241,6 +264,10 @@ def main() -> None:
                 for clients in counts:
                     latencies, errors = _load(base_url, clients, args.seconds, DISTINCT)
                     _report(label, clients, args.seconds, latencies, errors)
+                if label == "batched":
+                    for name, params in FILTERS.items() if args.filter_seconds > 0 else ():
+                        found = _load(base_url, 1, args.filter_seconds, DISTINCT, params)
+                        _report(f"filter {name}", 1, args.filter_seconds, *found)
                 rss, pss, procs = _memory_mb(api.pid)
                 print(
                     f"{label:<12} memory: RSS {rss:,.0f} MB, PSS {pss:,.0f} MB ({procs} processes)",

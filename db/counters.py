@@ -19,6 +19,7 @@ RECONCILER_ACTIONS = (
     "producers_lost",
     "finalize_redriven",
     "builds_redriven",
+    "rebuilds_requested",
     "video_jobs_redriven",
     "video_jobs_exhausted",
 )

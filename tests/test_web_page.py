@@ -170,3 +170,19 @@ def test_screenshot_of_results(api_url, tmp_path):
     )
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 20_000  # more than a blank page
+
+
+def test_filters_in_the_url_filter_the_gallery_and_bad_ones_say_why(api_url, indexed, tmp_path):
+    from flickd.services.filters import make_filter
+
+    everything = SearchService(indexed).search_text("a dress", 8).items[0].results
+    colour = everything[0].colour_family
+    assert colour
+    page = _dump(tmp_path, f"{api_url}/?q={quote_plus('a dress')}&k=8&colour={colour}")
+    wanted = make_filter(colour=colour)
+    expected = SearchService(indexed).search_text("a dress", 8, wanted).items[0].results
+    assert [card["data-product-id"] for card in page.cards] == [h.product_id for h in expected]
+    assert {card["data-colour-family"] for card in page.cards} == {colour}
+    page = _dump(tmp_path, f"{api_url}/?q={quote_plus('a dress')}&colour=pumpkin")
+    assert page.cards == [] and "error" in page.status_classes
+    assert "use one of: black, white" in page.status

@@ -17,6 +17,13 @@ what is moving, and sends again whatever stalled (the Kubernetes controller patt
   stopped, are sent again; the claim (db.runs.claim_finalize) lets exactly one delivery run.
 * **index builds** waiting on a re-embedding that stalled get the missing crops sent again;
   a build whose builder died goes back to pending and is claimed anew.
+* **the served index** is rebuilt when the catalog drifted from it: when the vectors added
+  since its build plus the crops it holds that left search since pass
+  ``FLICKD_REBUILD_DRIFT_SHARE`` of its size, a pending build is recorded and
+  ``flickd.embed_crops`` sent with no crops (by task name): the worker that takes it claims
+  and builds the index, as after a re-embedding. Meanwhile replicas serve the drift from their
+  delta and tombstones (``flickd/services/freshness.py``); the decision is taken here, once,
+  rather than by each replica, which would race its peers to ask;
 * **video jobs** (a long clip's search, ``flickd.video_search``) queued or running without
   progress for a lease go back to ``queued`` and are sent again by task name (the task lives
   with the services, which this layer must not import); the claim (db.videos.claim_job) lets
@@ -41,6 +48,7 @@ from sqlalchemy import and_, func, select, update
 from db.counters import add_counts
 from db.embeddings import missing_crop_ids
 from db.images import fail_exhausted, take_stalled
+from db.indexes import request_build, served_build_drift
 from db.runs import close_runs, finalize_claimable
 from db.schema import (
     FinalizeStatus,
@@ -52,6 +60,7 @@ from db.schema import (
     utcnow,
 )
 from db.session import get_engine, session_scope
+from db.versions import active_embedder
 from db.videos import fail_exhausted_jobs, take_stalled_jobs
 from flickd.core.broker import (
     ANALYZE_TASK,
@@ -84,6 +93,7 @@ class ReconcileReport:
     runs_closed: list[int] = field(default_factory=list)
     finalize_redriven: list[int] = field(default_factory=list)
     builds_redriven: list[int] = field(default_factory=list)
+    rebuilds_requested: int = 0  # full builds asked for because the catalog drifted
     video_jobs_redriven: list[int] = field(default_factory=list)
     video_jobs_exhausted: list[int] = field(default_factory=list)
     skipped: bool = False  # another pass held the lock
@@ -97,6 +107,7 @@ class ReconcileReport:
             "runs_closed": len(self.runs_closed),
             "finalize_redriven": len(self.finalize_redriven),
             "builds_redriven": len(self.builds_redriven),
+            "rebuilds_requested": self.rebuilds_requested,
             "video_jobs_redriven": len(self.video_jobs_redriven),
             "video_jobs_exhausted": len(self.video_jobs_exhausted),
         }
@@ -166,6 +177,7 @@ def reconcile_once(settings: Settings, *, ignore_queues: bool = False) -> Reconc
         if settings.finalize_enabled:
             report.finalize_redriven = _redrive_finalize(settings, cutoffs[GPU_QUEUE])
             report.builds_redriven = _redrive_builds(settings, cutoffs[GPU_QUEUE], lease)
+            report.rebuilds_requested = _rebuild_on_drift(settings)
         _redrive_video_jobs(settings, cutoffs[GPU_QUEUE], report)
         with session_scope(settings) as session:
             add_counts(session.connection(), report.counts())
@@ -317,6 +329,34 @@ def _redrive_builds(settings: Settings, before: datetime, lease: datetime) -> li
         redriven.append(build_id)
         log.warning("re-driven index build build_id=%s missing_crops=%d", build_id, len(missing))
     return redriven
+
+
+def _rebuild_on_drift(settings: Settings) -> int:
+    """Ask for a full build of the served index when the catalog drifted past the share."""
+    with session_scope(settings) as session:
+        drift = served_build_drift(session)
+        active = active_embedder(session)
+        if (
+            drift is None
+            or active is None
+            or active.id != drift.model_version_id  # a re-embedding's build is coming
+            or drift.share <= settings.rebuild_drift_share
+        ):
+            return 0
+        request_build(
+            session,
+            drift.model_version_id,
+            {"reason": "drift", "added": drift.added, "left": drift.left, "of": drift.n_vectors},
+        )
+    send(EMBED_TASK, [[[], drift.model_version_id]], settings)
+    log.warning(
+        "index drift: %d added and %d left search since build %d of %d vectors; rebuild requested",
+        drift.added,
+        drift.left,
+        drift.build_id,
+        drift.n_vectors,
+    )
+    return 1
 
 
 def _redrive_video_jobs(settings: Settings, before: datetime, report: ReconcileReport) -> None:

@@ -31,6 +31,13 @@ from flickd.core.settings import Settings
     help="Products per item (image, text: 10) or per track (video: 5).",
 )
 @click.option("--no-detect", is_flag=True, help="Search with the whole image, no detection.")
+@click.option("--catalog", help="Only products of this catalog.")
+@click.option("--category", help="Product category or detected item, e.g. dress, shoe.")
+@click.option("--brand", help="Only this brand (any case).")
+@click.option("--colour", help="Colour family: black, white, grey, beige, brown, red, pink, …")
+@click.option("--min-price", type=float, help="Lowest price, inclusive.")
+@click.option("--max-price", type=float, help="Highest price, inclusive.")
+@click.option("--in-stock", is_flag=True, default=None, help="Only products in stock.")
 @click.option("--json", "as_json", is_flag=True)
 def search(
     image_ref: str | None,
@@ -38,10 +45,19 @@ def search(
     video_ref: str | None,
     top_k: int | None,
     no_detect: bool,
+    catalog: str | None,
+    category: str | None,
+    brand: str | None,
+    colour: str | None,
+    min_price: float | None,
+    max_price: float | None,
+    in_stock: bool | None,
     as_json: bool,
 ) -> None:
     """Search the index by --image, --text or --video, without a server; results grouped by
-    product (a video's with the time ranges where each product appears)."""
+    product (a video's with the time ranges where each product appears). The filters apply to
+    --text and --image."""
+    from flickd.services.filters import FilterError, make_filter
     from flickd.services.search import (
         QueryImageError,
         SearchService,
@@ -51,6 +67,20 @@ def search(
 
     if sum(ref is not None for ref in (image_ref, query_text, video_ref)) != 1:
         raise click.UsageError("give exactly one of --image, --text or --video")
+    try:
+        filters = make_filter(
+            catalog=catalog,
+            category=category,
+            brand=brand,
+            colour=colour,
+            min_price=min_price,
+            max_price=max_price,
+            in_stock=in_stock,
+        )
+    except FilterError as exc:
+        raise click.UsageError(exc.message) from exc
+    if video_ref is not None and not filters.empty:
+        raise click.UsageError("the filters are for --text and --image")
     if video_ref is not None and no_detect:
         raise click.UsageError("--no-detect is for --image (set FLICKD_DETECTOR_MODEL=none)")
     settings = current_settings(schema=True)  # read only once the query is known to be valid
@@ -60,10 +90,12 @@ def search(
         return
     try:
         if query_text is not None:
-            response = service.search_text(query_text, top_k or 10)
+            response = service.search_text(query_text, top_k or 10, filters)
         else:
             image = _query_image(image_ref or "", service, settings)
-            response = service.search_image(image, top_k or 10, detect=not no_detect)
+            response = service.search_image(
+                image, top_k or 10, detect=not no_detect, filters=filters
+            )
     except (SearchUnavailable, QueryImageError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:

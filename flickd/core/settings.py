@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     # Seconds between checks of the published index (and with it the model version it was
     # built with): a serving process switches within this bound, without a restart.
     index_poll_seconds: float = 2.0
+    # Freshness of a serving process (flickd/services/freshness.py): seconds between its polls
+    # of the database for new vectors, delistings and retired images; the re-read margin for
+    # rows that commit after later-stamped ones; and the full pass that catches anything else.
+    freshness_poll_seconds: float = 2.0
+    freshness_overlap_seconds: float = 30.0
+    freshness_resync_seconds: float = 600.0
+    # The reconciler asks for a full index build when the vectors added since the served build,
+    # plus the crops it holds that left search, pass this share of that build's vectors.
+    rebuild_drift_share: float = 0.2
 
     # --- Celery reliability --------------------------------------------------------------------
     # Seconds a delivered, unacknowledged message stays invisible before Redis re-delivers it.
@@ -196,6 +205,13 @@ class Settings(BaseSettings):
             )
         if self.cache_max_bytes < 1 or self.index_poll_seconds < 0:
             raise ValueError("cache_max_bytes must be above 0, index_poll_seconds not negative")
+        if min(self.freshness_poll_seconds, self.freshness_overlap_seconds) < 0 or not (
+            self.rebuild_drift_share > 0 and self.freshness_resync_seconds > 0
+        ):
+            raise ValueError(
+                "freshness_poll_seconds and freshness_overlap_seconds must not be negative, "
+                "freshness_resync_seconds and rebuild_drift_share must be above 0"
+            )
         if self.reconcile_interval <= 0 or self.max_stage_attempts < 1:
             raise ValueError("reconcile_interval must be above 0, max_stage_attempts at least 1")
         return self

@@ -7,8 +7,12 @@ thread pool, so a slow image query does not stall ``/health``.
 
 Errors are JSON ``{"detail": message, "reason": code}`` with the status saying whose fault it
 is: 4xx for the query (400 blocked or invalid URL, 413 too large, 415 not an image type, 422
-undecodable, empty or too thin to look at), 502 when a query URL's host fails, 503 when no
-index exists yet.
+undecodable, empty or too thin to look at, or a refused filter: ``unknown_colour``,
+``bad_price_range``), 502 when a query URL's host fails, 503 when no index exists yet.
+
+Every search route takes the filters ``catalog``, ``category``, ``brand``, ``colour``,
+``min_price``, ``max_price`` and ``in_stock`` as query parameters (``filters.py``); the
+serving index follows the database on a background thread (``freshness.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Query, Request, Response, UploadFile
+from fastapi import Depends, FastAPI, File, Query, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -39,6 +43,7 @@ from flickd.services.api_errors import (
     ErrorBody,
     error_response,
 )
+from flickd.services.filters import FilterError, make_filter
 from flickd.services.metrics import render_metrics
 from flickd.services.search import (
     QueryImageError,
@@ -48,6 +53,8 @@ from flickd.services.search import (
     decode_query_image,
 )
 from flickd.services.video_api import VIDEO_SEARCH_PATH, add_video_routes
+from models.colour import COLOUR_FAMILIES
+from models.index.live import CropFilter
 
 WEB_DIR = Path(__file__).parent / "web"
 ACCEPTED_TYPES_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
@@ -131,7 +138,11 @@ def _warm_up_in_background(service: SearchService) -> Any:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # Loading CLIP takes seconds: do it beside serving, so /health answers at once.
         threading.Thread(target=service.warm_up, name="search-warm-up", daemon=True).start()
-        yield
+        service.freshness.start()  # follow the catalog: new crops in, delisted ones out
+        try:
+            yield
+        finally:
+            service.freshness.stop()
 
     return lifespan
 
@@ -152,23 +163,57 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def search_filters(
+    catalog: Annotated[str | None, Query(max_length=200, description="catalog name")] = None,
+    category: Annotated[
+        str | None,
+        Query(max_length=200, description="product category, or detected item (fine or coarse)"),
+    ] = None,
+    brand: Annotated[str | None, Query(max_length=200)] = None,
+    colour: Annotated[
+        str | None, Query(max_length=40, description=f"one of: {', '.join(COLOUR_FAMILIES)}")
+    ] = None,
+    min_price: Annotated[float | None, Query(description="lowest price, inclusive")] = None,
+    max_price: Annotated[float | None, Query(description="highest price, inclusive")] = None,
+    in_stock: Annotated[bool | None, Query(description="true: in stock only")] = None,
+) -> CropFilter:
+    """The filters of a search request; 422 for a refused one (``filters.make_filter``)."""
+    try:
+        return make_filter(
+            catalog=catalog,
+            category=category,
+            brand=brand,
+            colour=colour,
+            min_price=min_price,
+            max_price=max_price,
+            in_stock=in_stock,
+        )
+    except FilterError as exc:
+        raise ApiError(422, exc.reason, exc.message) from exc
+
+
+Filters = Annotated[CropFilter, Depends(search_filters)]
+
+
 def _add_search_routes(app: FastAPI, settings: Settings, service: SearchService) -> None:
     @app.get("/search", response_model=SearchResponse, responses=ERRORS, tags=["search"])
     def search_text(
         q: Annotated[str, Query(min_length=1, max_length=500, description="what to look for")],
+        filters: Filters,
         k: TopK = 10,
     ) -> SearchResponse:
         """Products whose crops are closest to the text, best first."""
         if not q.strip():
             raise ApiError(422, "empty_query", "the query text is blank")
         try:
-            return service.search_text(q.strip(), k)
+            return service.search_text(q.strip(), k, filters)
         except SearchUnavailable as exc:
             raise _unavailable(exc) from exc
 
     @app.post("/search/image", response_model=SearchResponse, responses=ERRORS, tags=["search"])
     def search_upload(
         file: Annotated[UploadFile, File(description=f"a {ACCEPTED_TYPES_TEXT} image")],
+        filters: Filters,
         k: TopK = 10,
         detect: bool = True,
     ) -> SearchResponse:
@@ -180,17 +225,23 @@ def _add_search_routes(app: FastAPI, settings: Settings, service: SearchService)
             image = decode_query_image(data, settings)
         except QueryImageError as exc:
             raise _query_failed(exc) from exc
-        return _search_image(service, image, k, detect)
+        return _search_image(service, image, k, detect, filters)
 
     @app.post("/search/url", response_model=SearchResponse, responses=ERRORS, tags=["search"])
-    def search_url(query: UrlQuery) -> SearchResponse:
+    def search_url(query: UrlQuery, filters: Filters) -> SearchResponse:
         """Products matching each item detected in the image at ``url`` (fetched through the
         SSRF guard: private and loopback addresses are refused)."""
         try:
             image = service.fetch_image(query.url)
         except QueryImageError as exc:
             raise _query_failed(exc) from exc
-        return _search_image(service, image, query.k, query.detect)
+        return _search_image(service, image, query.k, query.detect, filters)
+
+    @app.get("/search/filters", tags=["search"])
+    def filter_values() -> dict[str, Any]:
+        """The values the filters can take now: catalogs, brands, categories (with detected
+        items), colour families, and the price range of served products."""
+        return service.filter_values()
 
 
 def _check_upload_type(content_type: str | None) -> None:
@@ -206,9 +257,11 @@ def _check_upload_type(content_type: str | None) -> None:
     )
 
 
-def _search_image(service: SearchService, image: Any, k: int, detect: bool) -> SearchResponse:
+def _search_image(
+    service: SearchService, image: Any, k: int, detect: bool, filters: CropFilter
+) -> SearchResponse:
     try:
-        return service.search_image(image, k, detect=detect)
+        return service.search_image(image, k, detect=detect, filters=filters)
     except SearchUnavailable as exc:
         raise _unavailable(exc) from exc
     except QueryImageError as exc:

@@ -37,8 +37,12 @@ from flickd.fetching.geometry import GeometryLimits, check_geometry
 from flickd.fetching.imaging import decode_image
 from flickd.services.analysis import AnalysedCrop, analyse_images
 from flickd.services.batching import LruCache, MicroBatcher
+from flickd.services.filters import describe, notes_for, passes
+from flickd.services.freshness import Freshness
 from models import registry
-from models.index import IndexHolder, VectorIndex
+from models.colour import COLOUR_FAMILIES
+from models.index import IndexHolder
+from models.index.live import CropFilter, LiveIndex
 
 if TYPE_CHECKING:
     from models.embedder import Embedder
@@ -80,6 +84,7 @@ class ProductHit(BaseModel):
     brand: str | None
     category: str | None
     price: float | None
+    in_stock: bool | None = None  # None: the feed does not say
     score: float  # cosine similarity in [-1, 1]
     match: MatchType
     crop_id: int
@@ -115,6 +120,8 @@ class SearchResponse(BaseModel):
     index_vectors: int
     items: list[QueryItem]
     took_ms: float
+    filters: dict[str, Any] = {}  # the filters in force, by their query-parameter names
+    notes: list[str] = []  # e.g. a filter value that no indexed product has
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -196,6 +203,8 @@ class _CropRow:
     colour_rgb: str | None
     prompt: str | None
     image_url: str
+    in_stock: bool | None
+    served: bool  # the product is listed and the image not retired
 
 
 class SearchService:
@@ -226,13 +235,19 @@ class SearchService:
         self._warned: set[int] = set()
         self._session: HttpClient | None = None
         self._session_lock = threading.Lock()
+        # The base index with what changed since it was built (freshness.py); the API polls on
+        # a thread (``freshness.start()``), other callers when a query finds it stale.
+        self.freshness = Freshness(settings, self.holder)
 
     # --- public ----------------------------------------------------------------------------
-    def search_text(self, text: str, top_k: int = 10) -> SearchResponse:
+    def search_text(
+        self, text: str, top_k: int = 10, filters: CropFilter | None = None
+    ) -> SearchResponse:
         started = time.perf_counter()
         index, version = self._index_and_version()
         vector = self._text_vector(self._embedder(version), text)
-        (hits,) = self._search_grouped(index, vector[None, :], top_k)
+        notes: list[str] = []
+        (hits,) = self._search_grouped(index, vector[None, :], top_k, filters, notes)
         return SearchResponse(
             kind="text",
             text=text,
@@ -241,10 +256,16 @@ class SearchService:
             index_vectors=index.ntotal,
             items=[QueryItem(results=hits)],
             took_ms=_ms_since(started),
+            filters=describe(filters) if filters else {},
+            notes=notes,
         )
 
     def search_image(
-        self, image: PILImage.Image, top_k: int = 10, detect: bool = True
+        self,
+        image: PILImage.Image,
+        top_k: int = 10,
+        detect: bool = True,
+        filters: CropFilter | None = None,
     ) -> SearchResponse:
         """Search per detected item of ``image`` (the whole image when nothing is detected).
 
@@ -258,7 +279,9 @@ class SearchService:
         embedder = self._embedder(version)
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         analysed = self._images.submit(_ImageQuery(embedder, rgb, detect))
-        grouped = self._search_grouped(index, np.stack([a.vector for a in analysed]), top_k)
+        notes: list[str] = []
+        vectors = np.stack([a.vector for a in analysed])
+        grouped = self._search_grouped(index, vectors, top_k, filters, notes)
         items = [_query_item(item, hits) for item, hits in zip(analysed, grouped, strict=True)]
         return SearchResponse(
             kind="image",
@@ -267,6 +290,8 @@ class SearchService:
             index_vectors=index.ntotal,
             items=items,
             took_ms=_ms_since(started),
+            filters=describe(filters) if filters else {},
+            notes=notes,
         )
 
     def fetch_image(self, url: str) -> PILImage.Image:
@@ -294,6 +319,15 @@ class SearchService:
         except Exception as exc:
             log.info("search warm-up skipped: %s", exc)
 
+    def filter_values(self) -> dict[str, Any]:
+        """The values each filter can take now (``LiveIndex.facets``), for the web page; the
+        accepted colour words always."""
+        try:
+            index, _version = self._index_and_version()
+        except SearchUnavailable:
+            return {"colour_families": list(COLOUR_FAMILIES)}
+        return {**index.facets(), "colour_families": list(COLOUR_FAMILIES)}
+
     def status(self) -> dict[str, Any]:
         """What /health reports about the index; never raises for a missing index."""
         try:
@@ -305,11 +339,12 @@ class SearchService:
             "vectors": index.ntotal,
             "model_version_id": version.id,
             "model_version": version.version,
+            "freshness": self.freshness.status(),
         }
 
     # --- index and models --------------------------------------------------------------------
-    def _index_and_version(self) -> tuple[VectorIndex, _Version]:
-        index = self.holder.get()
+    def _index_and_version(self) -> tuple[LiveIndex, _Version]:
+        index = self.freshness.current()
         if index is None:
             raise SearchUnavailable(
                 "no search index has been built yet: ingest a catalog, then run `flickd index "
@@ -399,17 +434,33 @@ class SearchService:
 
     # --- grouping ------------------------------------------------------------------------------
     def _search_grouped(
-        self, index: VectorIndex, vectors: np.ndarray, top_k: int
+        self,
+        index: LiveIndex,
+        vectors: np.ndarray,
+        top_k: int,
+        filters: CropFilter | None = None,
+        notes: list[str] | None = None,
     ) -> list[list[ProductHit]]:
-        """Best crop per product, ``top_k`` products per query vector."""
+        """Best crop per product, ``top_k`` products per query vector, inside ``filters``
+        (a row mask for the index's id selectors; each hit re-checked on its database row).
+        ``notes`` gets a sentence per filter value that no indexed crop has."""
+        allowed = None
         total = index.ntotal
+        if filters is not None and not filters.empty:
+            mask = index.mask(filters)
+            allowed = mask.rows
+            total = index.count(allowed)
+            if notes is not None:
+                notes.extend(notes_for(mask.unknown))
         limit = min(total, top_k * MAX_OVERFETCH)
         fetch_k = min(total, top_k * OVERFETCH)
+        if total == 0:
+            return [[] for _ in range(len(np.atleast_2d(vectors)))]
         while True:
-            scores, ids = index.search(vectors, max(1, fetch_k))
+            scores, ids = index.search(vectors, max(1, fetch_k), allowed)
             rows = self._crop_rows(ids)
             grouped = [
-                self._group(row_scores, row_ids, rows, top_k)
+                self._group(row_scores, row_ids, rows, top_k, filters)
                 for row_scores, row_ids in zip(scores, ids, strict=True)
             ]
             if fetch_k >= limit or all(len(hits) >= top_k for hits in grouped):
@@ -422,12 +473,14 @@ class SearchService:
         ids: np.ndarray,
         rows: dict[int, _CropRow],
         top_k: int,
+        filters: CropFilter | None = None,
     ) -> list[ProductHit]:
         hits: list[ProductHit] = []
         seen: set[int] = set()
+        wanted = filters or CropFilter()
         for score, crop_id in zip(scores.tolist(), ids.tolist(), strict=True):
             row = rows.get(int(crop_id))  # -1 pads a short result; a crop may have been deleted
-            if row is None or row.product_pk in seen:
+            if row is None or row.product_pk in seen or not passes(wanted, row):
                 continue  # hits come best first, so the first crop of a product is its best
             seen.add(row.product_pk)
             hits.append(self._hit(row, float(score)))
@@ -443,6 +496,7 @@ class SearchService:
             brand=row.brand,
             category=row.category,
             price=row.price,
+            in_stock=row.in_stock,
             score=score,
             match=match_type(score, self.settings.match_exact, self.settings.match_similar),
             crop_id=row.crop_id,
@@ -478,6 +532,9 @@ class SearchService:
                 Product.brand,
                 Product.category,
                 Product.price,
+                Product.in_stock,
+                Product.listed,
+                Image.retired_at,
             )
             .join(Image, Image.id == Crop.image_id)
             .join(Product, Product.id == Image.product_id)
@@ -504,6 +561,8 @@ def _crop_row(r: Any) -> _CropRow:
         colour_rgb=r.colour_rgb,
         prompt=r.prompt,
         image_url=r.url,
+        in_stock=r.in_stock,
+        served=r.listed is not False and r.retired_at is None,
     )
 
 
@@ -532,6 +591,9 @@ def format_response(response: SearchResponse) -> str:
         f"model {response.model_version} · {response.index_vectors} indexed crops · "
         f"{response.took_ms:.0f} ms"
     ]
+    if response.filters:
+        lines.append("filters: " + ", ".join(f"{k}={v}" for k, v in response.filters.items()))
+    lines.extend(f"note: {note}" for note in response.notes)
     for number, item in enumerate(response.items, start=1):
         if response.kind == "image":
             lines.append(_item_heading(number, item))

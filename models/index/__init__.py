@@ -44,7 +44,9 @@ so N API processes on one machine serving one index hold one copy in the page ca
 The package, by job: ``codec`` (the two backends: how vectors are stored and scored),
 ``build`` (the passes, the IVF's lists and codes, the tuning), ``vector_index`` (``VectorIndex``
 and its files), ``files`` (versioned files and the ``current.json`` pointer), ``holder`` (the
-served index of a long-running process), ``atomic`` (write-then-rename). Reading embeddings from
+served index of a long-running process), ``live`` (the served index as the catalog is now: a
+delta of newer vectors, tombstones, per-crop filter facts, filtered search with FAISS id
+selectors), ``atomic`` (write-then-rename). Reading embeddings from
 the database and recording the build is the caller's part (workers/indexing.py).
 """
 

@@ -22,6 +22,10 @@ class Backend(Protocol):
     def ntotal(self) -> int: ...
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def search_selected(
+        self, queries: np.ndarray, k: int, bitmap: np.ndarray, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+    def position_ids(self) -> np.ndarray: ...
     def write(self, path: Path) -> None: ...
     def memory_bytes(self) -> int: ...
 
@@ -45,6 +49,23 @@ class Flat:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(queries, k)
+
+    def search_selected(
+        self, queries: np.ndarray, k: int, bitmap: np.ndarray, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search among the positions set in ``bitmap`` (see ``selector``)."""
+        mapped = cast(faiss.IndexIDMap, self.index)
+        inner = faiss.downcast_index(mapped.index)  # positions, not the IDMap's ids
+        params = faiss.SearchParameters()
+        params.sel = selector(bitmap, self.ntotal)
+        scores, pos = inner.search(queries, k, params=params)
+        ids = self.position_ids()
+        return scores, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1)
+
+    def position_ids(self) -> np.ndarray:
+        """Crop id of each stored position."""
+        mapped = cast(faiss.IndexIDMap, self.index)
+        return faiss.vector_to_array(mapped.id_map).astype(np.int64, copy=False)
 
     def write(self, path: Path) -> None:
         atomic_write(path, lambda tmp: faiss.write_index(self.index, str(tmp)))
@@ -79,10 +100,27 @@ class IVFRefined:
         return int(self.ivf.ntotal)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._search(queries, k, None, self.nprobe)
+
+    def search_selected(
+        self, queries: np.ndarray, k: int, bitmap: np.ndarray, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search among the positions set in ``bitmap`` only, probing ``nprobe`` lists (the
+        tuned number by default; ``nlist`` scans every list: complete)."""
+        return self._search(queries, k, selector(bitmap, self.ntotal), nprobe or self.nprobe)
+
+    def position_ids(self) -> np.ndarray:
+        return self.ids
+
+    def _search(
+        self, queries: np.ndarray, k: int, sel: faiss.IDSelector | None, nprobe: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         shortlist = k * self.rerank
         # Per-call parameters, not ``ivf.nprobe``: searches may run in several threads at once.
         params = faiss.SearchParametersIVF()
-        params.nprobe = min(self.nprobe, self.ivf.nlist)
+        params.nprobe = min(nprobe, self.ivf.nlist)
+        if sel is not None:
+            params.sel = sel
         coarse, pos = self.ivf.search(queries, shortlist, params=params)
         scores = np.empty(pos.shape, np.float32)
         block = max(1, 8192 // shortlist)  # bounds the unpacked (block, shortlist, d) bits
@@ -163,6 +201,18 @@ def mmap_npz(path: Path) -> dict[str, np.ndarray]:
                 order="F" if fortran else "C",
             )
     return arrays
+
+
+def selector(bitmap: np.ndarray, n: int) -> faiss.IDSelector:
+    """A FAISS selector of the positions whose bit is set in ``bitmap`` (``np.packbits`` of a
+    boolean mask with ``bitorder="little"``, FAISS's order). The selector keeps a reference to
+    the array, which must outlive the search."""
+    if bitmap.dtype != np.uint8 or len(bitmap) * 8 < n:
+        raise ValueError(f"a bitmap of {len(bitmap)} bytes cannot cover {n} positions")
+    bitmap = np.ascontiguousarray(bitmap)
+    sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
+    sel.referenced_bitmap = bitmap  # type: ignore[attr-defined]  # the C++ side holds a raw pointer: keep the array alive
+    return sel
 
 
 def sq_range(ivf: faiss.IndexIVFScalarQuantizer) -> tuple[np.ndarray, np.ndarray]:

@@ -48,6 +48,12 @@ class VectorIndex:
     def ntotal(self) -> int:
         return self._backend.ntotal
 
+    @property
+    def backend(self) -> Backend:
+        """How the vectors are stored (``Flat`` or ``IVFRefined``): filtered search and the
+        live layer (``models.index.live``) use it directly."""
+        return self._backend
+
     @classmethod
     def build(
         cls,

@@ -10,6 +10,37 @@ const preview = $("#query-preview");
 function topK() { return Number($("#top-k").value) || 10; }
 function detect() { return $("#detect").checked; }
 
+// The filter controls, as the API's query parameters (only the ones set).
+const FILTER_FIELDS = {
+  category: "#f-category", brand: "#f-brand", colour: "#f-colour",
+  min_price: "#f-min-price", max_price: "#f-max-price", catalog: "#f-catalog",
+};
+function filterParams(params) {
+  for (const [name, selector] of Object.entries(FILTER_FIELDS)) {
+    const value = $(selector).value.trim();
+    if (value) params.set(name, value);
+  }
+  if ($("#f-in-stock").checked) params.set("in_stock", "true");
+  return params;
+}
+
+// Fill the controls with what the catalog holds now (GET /search/filters).
+async function loadFilterValues() {
+  try {
+    const response = await fetch("/search/filters");
+    if (!response.ok) return;
+    const facets = await response.json();
+    const fill = (selector, values) => {
+      const node = $(selector);
+      (values || []).forEach((value) => node.append(new Option(value, value)));
+    };
+    fill("#f-colour", facets.colour_families);
+    fill("#f-catalog", facets.catalogs);
+    fill("#f-categories", facets.categories);  // datalists: suggestions, free text still works
+    fill("#f-brands", facets.brands);
+  } catch (_) { /* the controls still work as free text */ }
+}
+
 function setStatus(text, isError = false) {
   statusLine.textContent = text;
   statusLine.classList.toggle("error", isError);
@@ -47,22 +78,23 @@ async function run(label, request) {
 
 function searchText(q) {
   showPreview(null);
-  const params = new URLSearchParams({ q, k: topK() });
+  const params = filterParams(new URLSearchParams({ q, k: topK() }));
   return run(`for “${q}”`, () => fetch(`/search?${params}`));
 }
 
 function searchUrl(url) {
   showPreview(url);
   const body = JSON.stringify({ url, k: topK(), detect: detect() });
+  const params = filterParams(new URLSearchParams());
   return run("the image at that URL", () =>
-    fetch("/search/url", { method: "POST", headers: { "Content-Type": "application/json" }, body }));
+    fetch(`/search/url?${params}`, { method: "POST", headers: { "Content-Type": "application/json" }, body }));
 }
 
 function searchFile(file) {
   showPreview(URL.createObjectURL(file));
   const form = new FormData();
   form.append("file", file);
-  const params = new URLSearchParams({ k: topK(), detect: detect() });
+  const params = filterParams(new URLSearchParams({ k: topK(), detect: detect() }));
   return run(`with ${file.name}`, () => fetch(`/search/image?${params}`, { method: "POST", body: form }));
 }
 
@@ -80,6 +112,7 @@ function card(hit) {
   node.dataset.productId = hit.product_id;
   node.dataset.score = hit.score.toFixed(4);
   node.dataset.match = hit.match;
+  node.dataset.colourFamily = hit.colour_family || "";
   const img = node.querySelector("img");
   img.src = hit.thumbnail_url;
   img.alt = hit.title || hit.product_id;
@@ -91,19 +124,23 @@ function card(hit) {
   const link = node.querySelector(".product-id");
   link.textContent = hit.product_id;
   link.href = `/products/${encodeURIComponent(hit.product_id)}?catalog=${encodeURIComponent(hit.catalog)}`;
-  node.querySelector(".sub").textContent = [hit.brand, hit.category].filter(Boolean).join(" · ");
+  const price = hit.price === null ? null : hit.price.toFixed(2);
+  const stock = hit.in_stock === false ? "out of stock" : null;
+  node.querySelector(".sub").textContent =
+    [hit.brand, hit.category, price, stock].filter(Boolean).join(" · ");
   node.querySelector(".swatch").style.background = hit.colour_rgb || "transparent";
   // The coarse class reads better on a card ("top"); the fine label is in the tooltip.
   node.querySelector(".item-text").textContent =
-    [hit.colour, hit.coarse_label || hit.label].filter(Boolean).join(" ");
+    [hit.colour_family || hit.colour, hit.coarse_label || hit.label].filter(Boolean).join(" ");
   node.title = [hit.prompt, hit.label && `detected as: ${hit.label}`].filter(Boolean).join("\n");
   return node;
 }
 
 function render(response) {
   const total = response.items.reduce((n, item) => n + item.results.length, 0);
+  const notes = (response.notes || []).map((note) => ` · ${note}`).join("");
   setStatus(`${total} result${total === 1 ? "" : "s"} in ${Math.round(response.took_ms)} ms ` +
-            `from ${response.index_vectors} indexed crops`);
+            `from ${response.index_vectors} indexed crops${notes}`);
   response.items.forEach((item, index) => {
     const group = document.createElement("section");
     group.className = "result-group";
@@ -157,6 +194,17 @@ function searchFromLocation() {
     if (![...select.options].some((option) => Number(option.value) === k)) select.add(new Option(k));
     select.value = String(k);
   }
+  // Filters in the link (/?q=dress&colour=red&max_price=50) fill the controls first.
+  for (const [name, selector] of Object.entries(FILTER_FIELDS)) {
+    const value = params.get(name);
+    if (!value) continue;
+    const control = $(selector);
+    if (control.tagName === "SELECT" && ![...control.options].some((o) => o.value === value)) {
+      control.add(new Option(value, value));
+    }
+    control.value = value;
+  }
+  if (params.get("in_stock") === "true") $("#f-in-stock").checked = true;
   if (params.get("q")) {
     $("#text-input").value = params.get("q");
     searchText(params.get("q"));
@@ -167,4 +215,5 @@ function searchFromLocation() {
 }
 
 wire();
+loadFilterValues();
 searchFromLocation();
