@@ -47,7 +47,9 @@ def test_demo_command_runs_everything_and_writes_a_report(demo_run: DemoRun):
         out.stdout,
     ), out.stdout
     text_lines = [
-        line for line in out.stdout.splitlines() if re.match(r"\s+(RIGHT|WRONG) \d/", line)
+        line
+        for line in out.stdout.splitlines()
+        if re.match(r"\s+(RIGHT|WRONG) \d/\d right \(\d+ in the catalog\) ", line)
     ]
     assert len(text_lines) >= 1, out.stdout
     for line in text_lines:  # the top hit's colour family and garment, as flickd analysed it

@@ -103,7 +103,8 @@ def demo(out_dir: Path, products: int, detector: bool) -> None:
         )
         mark = ("RIGHT" if top["right"] else "WRONG") if top else "     "
         tally = (
-            f" {sum(h['right'] for h in hits)}/{len(hits)} right"
+            f" {sum(h['right'] for h in hits)}/{len(hits)} right "
+            f"({search.get('matching_products', '?')} in the catalog)"
             if search["kind"] == "text"
             else ""
         )
