@@ -1,4 +1,4 @@
-"""Naming the dominant colour of a crop.
+"""Naming the dominant colour of a crop, finely and in shoppers' words.
 
 The colour names come from the XKCD colour survey (``matplotlib.colors.XKCD_COLORS``, 949 names
 people actually use, maintained with matplotlib), minus a few crude ones nobody wants in a product
@@ -8,6 +8,18 @@ perceived difference; in RGB, dark blues and dark greens sit closer than they lo
 The dominant colour is the largest k-means cluster of the crop's pixels *after discounting the
 background*: product photos put a small garment on a large white or beige backdrop, and a detector
 box still contains a margin of it, so "largest cluster" alone names the wall, not the dress.
+
+Each fine name also has a **colour family**, one of 13 everyday words (:data:`PLAIN_FAMILIES`),
+which is what prompts say and what shoppers type and filter by. The mapping is taken from the
+survey itself rather than typed in (:func:`family_table`): 576 of the kept names state their
+family ("olive green", "dusty pink", "navy blue"), the rest take the vote of their nearest
+stating neighbours, and the lightness bands (black/grey/white, navy/blue) are split by lightness.
+Nearest *family swatch*, the obvious alternative, fails because a family is a large, uneven region
+and its survey swatch sits at one saturated corner of it: olive lands nearer the brown swatch
+than the bright green one. Decided where people might differ: olive, teal and mint are green;
+turquoise is blue; burgundy and maroon are red; cream and ivory are beige; the lightest greys are
+white and charcoal is black; a bright royal blue is blue and only a dark, muted blue is navy.
+A crop with two large, distant colours of different families is :data:`MULTICOLOUR`.
 """
 
 from __future__ import annotations
