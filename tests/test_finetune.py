@@ -5,6 +5,7 @@ must measurably improve held-out retrieval (and be promoted), or be refused when
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sqlalchemy import select
 
 from db.schema import ModelVersion
@@ -321,3 +323,31 @@ def test_finetune_that_cannot_improve_is_not_promoted(
     assert not versions[result.version_id].active
     assert versions[result.version_id].parent_id == pipeline_version.id
     assert versions[result.version_id].metrics["promoted"] is False
+
+
+def test_augmentation_rewords_texts_and_reframes_images_but_keeps_colour(tmp_path):
+    import random
+
+    from flickd.core.blobstore import BlobStore
+    from models.finetune.training import _image, _text
+    from models.prompts import TEMPLATES
+
+    store = BlobStore(tmp_path)
+    buffer = io.BytesIO()
+    Image.new("RGB", (60, 80), (20, 30, 80)).save(buffer, format="PNG")
+    key = store.put(buffer.getvalue())
+    pair = Pair(0, 1, key, "a studio photo of a navy jacket", "marine", "jacket", tmp_path)
+    rng = random.Random(0)
+    texts = {_text(pair, TINY, rng) for _ in range(200)}
+    assert texts == {"a navy jacket", *(t.format("a navy jacket") for t in TEMPLATES)}
+    plain = dataclasses.replace(TINY, text_variants=False, image_augment=False)
+    assert _text(pair, plain, rng) == pair.prompt
+    assert _image(pair, plain, rng).size == (60, 80)
+    sizes = set()
+    for _ in range(50):
+        image = _image(pair, TINY, rng)
+        w, h = image.size
+        assert w * h >= 0.7 * 60 * 80 * 0.95 and w <= 60 and h <= 80
+        assert set(image.getdata()) == {(20, 30, 80)}  # geometry only, never colour
+        sizes.add(image.size)
+    assert len(sizes) > 10

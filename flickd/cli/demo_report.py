@@ -337,7 +337,10 @@ def _recall_html(result: DemoResult) -> str:
         f"<th>recall@10</th><th>held-out set</th></tr>{''.join(rows)}</table>"
     )
     queries = finalize.get("text_queries") or {}
-    examples = ", ".join(f"&ldquo;{html.escape(q)}&rdquo;" for q in queries.get("examples", []))
+    shown = queries.get("examples", [])
+    examples = ", ".join(f"&ldquo;{html.escape(q)}&rdquo;" for q in shown)
+    if examples and len(shown) < (queries.get("count") or 0):
+        examples += ", …"
     note = (
         f"<p>Fine-tuned on {fmt(finalize.get('train_pairs'))} image–text pairs of the products "
         f"it trains on, measured on {fmt(finalize.get('eval_pairs'))} crops of products it never "
