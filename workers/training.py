@@ -26,7 +26,13 @@ def load_pairs(settings: Settings, model_version_id: int | None = None) -> list[
     blobs = BlobStore.for_settings(settings)
     return [
         Pair(
-            c.crop_id, c.product_id, c.blob_key, c.prompt, c.colour_name, c.fine_label, blobs,
+            c.crop_id,
+            c.product_id,
+            c.blob_key,
+            c.prompt,
+            c.colour_name,
+            c.fine_label,
+            blobs,
             c.colour_family,
         )
         for c in training_crops(settings, model_version_id)
