@@ -19,6 +19,7 @@ class TrainingCrop(NamedTuple):
     prompt: str
     colour_name: str | None
     fine_label: str | None
+    colour_family: str | None
 
 
 def training_crops(settings: Settings, model_version_id: int | None = None) -> list[TrainingCrop]:
@@ -30,7 +31,7 @@ def training_crops(settings: Settings, model_version_id: int | None = None) -> l
     query = (
         select(
             Crop.id, ImageRow.product_id, Crop.blob_key, Crop.prompt, Crop.colour_name,
-            Crop.fine_label,
+            Crop.fine_label, Crop.colour_family,
         )
         .join(ImageRow, ImageRow.id == Crop.image_id)
         .where(
@@ -48,6 +49,6 @@ def training_crops(settings: Settings, model_version_id: int | None = None) -> l
         rows = session.execute(query).all()
     # The query keeps only crops with a prompt and a blob key, so both are str here.
     return [
-        TrainingCrop(*cast("tuple[int, int, str, str, str | None, str | None]", row))
+        TrainingCrop(*cast("tuple[int, int, str, str, str | None, str | None, str | None]", row))
         for row in rows
     ]

@@ -1,9 +1,15 @@
 """Text prompts describing a crop: colour + item, in grammatical English.
 
 The prototype filled "A close-up of a {}." with a coarse class and wrote "a close-up of a shoes".
-Here the noun phrase is built first, with the determiner the noun needs ("a navy blue cardigan",
-"an orange dress", "olive green pants", "a pair of black shoes"), and only then dropped into a
+Here the noun phrase is built first, with the determiner the noun needs ("a navy cardigan",
+"an orange dress", "green pants", "a pair of black shoes"), and only then dropped into a
 template that never supplies an article of its own.
+
+The colour word is the crop's colour *family* (models/colour.py), not its fine survey name: the
+noun phrase is then exactly what a shopper types ("a navy jacket"), so fine-tuning teaches the
+words searches use. Fine names ("marine", "pinky", "milk chocolate") split one everyday colour
+into dozens of rare words the text tower would each have to learn, and none is what people
+search for. The fine name stays on the crop (``crops.colour_name``) for display.
 """
 
 from __future__ import annotations

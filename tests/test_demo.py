@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from flickd.core.settings import Settings
+from models.colour import COLOUR_FAMILIES
 from synthetic.catalog import Catalog
 from synthetic.procs import free_port, spawn
 from tests.conftest import run_flickd, settings_env
@@ -39,6 +40,20 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
 def test_demo_command_runs_everything_and_writes_a_report(demo_run: DemoRun):
     out = demo_run
     assert "fine-tuned CLIP" in out.stdout
+    # The held-out recall it prints is of shoppers' queries, beside the number before.
+    assert re.search(
+        r"held-out text->image recall@5 \d\.\d{3} -> \d\.\d{3} \(target 0\.9; \d+ queries "
+        r"'a/an \{colour family\} \{garment\}'",
+        out.stdout,
+    ), out.stdout
+    text_lines = [
+        line
+        for line in out.stdout.splitlines()
+        if re.match(r"\s+(RIGHT|WRONG) \d/\d right \(\d+ in the catalog\) ", line)
+    ]
+    assert len(text_lines) >= 1, out.stdout
+    for line in text_lines:  # the top hit's colour family and garment, as flickd analysed it
+        assert re.search(r": p\d{6} [a-z]+ [a-z]+, -?\d\.\d{3} (exact|similar|weak)$", line), line
     image_lines = [line for line in out.stdout.splitlines() if "'image of " in line]
     assert len(image_lines) == 3
     for line in image_lines:  # a catalog image finds its own product, as an exact match
@@ -131,7 +146,8 @@ _CAPTION = re.compile(
 def test_report_shows_the_searches_first_judged_by_the_catalog(demo_run: DemoRun):
     report = (demo_run.out / "report.html").read_text()
     catalog = Catalog.load(demo_run.out / "catalog")
-    truth = {p.product_id: (p.category, p.colour_name) for p in catalog.products}
+    truth = {p.product_id: (p.category, p.colour_family) for p in catalog.products}
+    nouns = {"trousers": "pants", "shoe": "shoes"}  # the prompts' word for the category
 
     # What a person sees first: the disclaimer, the gallery, then the chart, then the tables.
     disclaimer = report.find("offline models with random weights")
@@ -152,6 +168,9 @@ def test_report_shows_the_searches_first_judged_by_the_catalog(demo_run: DemoRun
     # Every hit's picture and every query image is in the page itself.
     assert report.count('<img src="data:image/jpeg;base64,') >= len(figures) + 3
     for figure in figures:  # every hit carries one mark, and says it in words
+        # ... and shows what flickd made of it: its colour family and garment
+        seen = re.search(r"<br><b>(\w+) [a-z]+</b>", figure)
+        assert seen and seen.group(1) in COLOUR_FAMILIES, figure[-600:]
         mark = _caption(figure)[3]
         assert ("RIGHT" in figure) == (mark == "right") and ("WRONG" in figure) != (
             mark == "right"
@@ -179,10 +198,9 @@ def test_report_shows_the_searches_first_judged_by_the_catalog(demo_run: DemoRun
         else:
             query = html.unescape(_group(r"&ldquo;(.*?)&rdquo;", body)).lower()
             for product, _score, _match, mark in hits:
-                category, colour = truth[product]
-                wanted = re.search(rf"\b{category}s?\b", query) and re.search(
-                    rf"\b{colour}\b", query
-                )
+                category, family = truth[product]
+                noun = nouns.get(category, category)
+                wanted = re.search(rf"\b{noun}\b", query) and re.search(rf"\b{family}\b", query)
                 assert mark == ("right" if wanted else "wrong"), (query, product, truth[product])
     # A random-weight image encoder scores different products near 1: the case this guards.
     print(f"{cross_product_exact} hits between different products scored >= {exact}")

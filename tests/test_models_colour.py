@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.colour import colour_table, dominant_colour, name_rgb, srgb_to_lab
+from models.colour import (
+    COLOUR_FAMILIES,
+    MULTICOLOUR,
+    PLAIN_FAMILIES,
+    colour_table,
+    dominant_colour,
+    family_of,
+    family_table,
+    name_rgb,
+    srgb_to_lab,
+)
 from tests.models_fixtures import garment_image
 
 NAVY, RED, OLIVE = (20, 30, 80), (200, 20, 30), (110, 120, 30)
@@ -40,7 +50,7 @@ def test_exact_swatch_names_itself() -> None:
     [
         (NAVY, WHITE, ("navy", "blue"), "navy"),
         (RED, BEIGE, ("red", "scarlet", "crimson", "cherry"), "red"),
-        (OLIVE, LIGHT_GREY, ("olive", "green"), "olive"),
+        (OLIVE, LIGHT_GREY, ("olive", "green"), "green"),
         ((15, 15, 15), WHITE, ("black",), "black"),
     ],
 )
@@ -87,3 +97,75 @@ def test_fast_enough_for_every_crop() -> None:
         dominant_colour(image)
     # Budget is a few ms per crop; 50 ms keeps the test meaningful on a loaded CI box.
     assert (time.perf_counter() - start) / 10 < 0.05
+
+
+# Names people agree on, and the decisions taken where they might not (stated in models/colour.py).
+FAMILY_OF_NAME = {
+    # a family word in the name, head last
+    "olive green": "green", "dusty rose": "pink", "reddish brown": "brown",
+    "brownish red": "red", "greenish blue": "blue", "blue green": "green", "navy green": "green",
+    "off white": "white", "medium grey": "grey", "hot pink": "pink", "blood red": "red",
+    # navy is a dark, muted blue
+    "navy": "navy", "navy blue": "navy", "dark blue": "navy", "marine": "navy",
+    "royal blue": "blue", "sky blue": "blue", "baby blue": "blue", "denim": "blue",
+    # no family word: the nearest survey colours that have one vote
+    "olive": "green", "olive drab": "green", "burgundy": "red", "maroon": "red",
+    "scarlet": "red", "teal": "green", "turquoise": "blue", "lavender": "purple",
+    "lilac": "purple", "plum": "purple", "magenta": "pink", "coral": "pink",
+    "salmon": "pink", "peach": "orange", "pumpkin": "orange", "mustard": "yellow",
+    "gold": "yellow", "tan": "brown", "khaki": "brown", "chocolate": "brown",
+    "silver": "grey", "slate": "grey", "mint": "green", "emerald": "green",
+    # decided: cream and ivory are beige; the lightest greys are white, the darkest black
+    "cream": "beige", "ivory": "beige", "beige": "beige", "pale grey": "white",
+    "light grey": "white", "white": "white", "charcoal": "black", "almost black": "black",
+    "black": "black",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "family"), sorted(FAMILY_OF_NAME.items()))
+def test_family_of_a_fine_name(name: str, family: str) -> None:
+    assert family_of(name) == family
+
+
+def test_every_fine_name_has_a_plain_family_and_every_family_some_names() -> None:
+    names, _ = colour_table()
+    table = family_table()
+    assert set(table) == set(names)
+    assert set(table.values()) == set(PLAIN_FAMILIES)
+    assert family_of(MULTICOLOUR) == MULTICOLOUR
+    assert family_of("no such colour") is None and family_of(None) is None
+
+
+def test_family_follows_the_fine_name() -> None:
+    # A crop's family is its fine name's, so the two never disagree.
+    for rgb in [(20, 30, 80), (110, 120, 30), (230, 230, 228), (60, 60, 60), (240, 130, 30)]:
+        named = name_rgb(rgb)
+        assert named.family == family_of(named.name), (rgb, named)
+
+
+def _stripes(first: tuple[int, int, int], second: tuple[int, int, int], period: int) -> Image.Image:
+    """The t-shirt of ``garment_image`` in horizontal stripes of two colours, on white."""
+    a = np.asarray(garment_image(first, WHITE, noise=4.0))
+    b = np.asarray(garment_image(second, WHITE, noise=4.0, seed=1))
+    rows = (np.arange(a.shape[0]) // period) % 2 == 1
+    return Image.fromarray(np.where(rows[:, None, None], b, a))
+
+
+@pytest.mark.parametrize("period", [6, 25, 200])  # fine stripes, bold stripes, two colour blocks
+@pytest.mark.parametrize(("first", "second"), [(RED, NAVY), ((245, 140, 185), (45, 155, 50))])
+def test_two_colour_garment_is_multicolour(
+    first: tuple[int, int, int], second: tuple[int, int, int], period: int
+) -> None:
+    named = dominant_colour(_stripes(first, second, period))
+    assert named.family == MULTICOLOUR, named
+    # The fine name is still the stronger of the two colours.
+    assert family_of(named.name) in {name_rgb(first).family, name_rgb(second).family}
+
+
+def test_shading_or_a_small_logo_is_not_multicolour() -> None:
+    shaded = np.asarray(garment_image(NAVY, WHITE, noise=6.0), dtype=np.float64)
+    shaded[:, : shaded.shape[1] // 2] *= 0.7  # one side in shadow
+    assert dominant_colour(Image.fromarray(shaded.astype(np.uint8))).family == "navy"
+    logo = np.asarray(garment_image(RED, WHITE, noise=4.0)).copy()
+    logo[150:180, 135:165] = (252, 238, 40)  # a yellow patch on the chest
+    assert dominant_colour(Image.fromarray(logo)).family == "red"

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from models.colour import COLOUR_FAMILIES
 from models.labels import LABELS, label_by_name
 from models.prompts import (
     FALLBACK_NOUN,
@@ -47,6 +48,12 @@ def test_indefinite_article(word: str, article: str) -> None:
         ("glasses", None, "a pair of glasses"),
         ("sock", "white", "a pair of white socks"),
         ("top, t-shirt, sweatshirt", "ivory", "an ivory top"),
+        # colour families, the words prompts are written with
+        ("jacket", "navy", "a navy jacket"),
+        ("top, t-shirt, sweatshirt", "white", "a white top"),
+        ("bag, wallet", "brown", "a brown bag"),
+        ("pants", "grey", "grey pants"),
+        ("dress", "multicolour", "a multicolour dress"),
     ],
 )
 def test_noun_phrase(name: str, colour: str | None, phrase: str) -> None:
@@ -63,7 +70,7 @@ def test_never_ungrammatical_for_any_kept_label() -> None:
     for label in LABELS:
         if not label.kept:
             continue
-        for colour in (None, "black", "orange", "umber", "navy blue"):
+        for colour in (None, "umber", "navy blue", *COLOUR_FAMILIES):
             phrase = noun_phrase(label, colour)
             if label.grammar == "plural":
                 assert not plural_with_article.match(phrase), phrase

@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 from db.schema import Crop, Embedding, Image, ModelVersion
 from db.session import session_scope
 from flickd.core.broker import queue_lengths
-from models.colour import srgb_to_lab
+from models.colour import COLOUR_FAMILIES, MULTICOLOUR, family_of, srgb_to_lab
 from models.labels import label_by_name
 from producer.ingest import ingest
 from synthetic.catalog import write_feed
@@ -59,6 +59,10 @@ def _check_analysis(settings, catalog) -> None:
             assert label_by_name(crop.fine_label).kept  # never a garment part
             assert crop.coarse_label
         assert crop.prompt and crop.colour_name and crop.colour_rgb.startswith("#")
+        # The family is the fine name's (or multicolour) and is the word the prompt uses.
+        assert crop.colour_family in COLOUR_FAMILIES, crop.colour_family
+        assert crop.colour_family in (MULTICOLOUR, family_of(crop.colour_name)), crop
+        assert f" {crop.colour_family} " in f" {crop.prompt} ", crop.prompt
         assert " a shoes" not in crop.prompt and " a pants" not in crop.prompt
     dims = {e.dim for e in embeddings}
     assert len(dims) == 1
@@ -78,7 +82,7 @@ def test_whole_image_fallback_names_the_garment_colour(
     _check_analysis(settings, catalog)
     images, crops, _, _ = _rows(settings)
     truth = {img.filename: img for img in catalog.images}
-    close = 0
+    close = same_family = 0
     for crop in crops:
         assert crop.whole_image and crop.crop_index == 0
         expected = truth[images[crop.image_id].url.rsplit("/", 1)[1]]
@@ -86,7 +90,9 @@ def test_whole_image_fallback_names_the_garment_colour(
         got = tuple(int(crop.colour_rgb[i : i + 2], 16) for i in (1, 3, 5))
         distance = np.linalg.norm(srgb_to_lab(np.array(got)) - srgb_to_lab(np.array(expected.rgb)))
         close += distance < 15
+        same_family += crop.colour_family == expected.colour_family
     assert close >= 0.9 * len(crops), f"only {close}/{len(crops)} crops near the garment colour"
+    assert same_family >= 0.9 * len(crops), f"only {same_family}/{len(crops)} in their family"
 
 
 def test_redelivered_batch_writes_nothing_twice(

@@ -25,7 +25,16 @@ def load_pairs(settings: Settings, model_version_id: int | None = None) -> list[
     only crops embedded by that model version."""
     blobs = BlobStore.for_settings(settings)
     return [
-        Pair(c.crop_id, c.product_id, c.blob_key, c.prompt, c.colour_name, c.fine_label, blobs)
+        Pair(
+            c.crop_id,
+            c.product_id,
+            c.blob_key,
+            c.prompt,
+            c.colour_name,
+            c.fine_label,
+            blobs,
+            c.colour_family,
+        )
         for c in training_crops(settings, model_version_id)
     ]
 

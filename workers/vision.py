@@ -221,7 +221,7 @@ def _plan(
         own = crop_image(item.pixels, crop)
         colour = dominant_colour(own)
         label = label_by_name(crop.fine_label) if crop.fine_label else None
-        prompt = make_prompt(label, colour.name, crop_key(item.content_hash, index))
+        prompt = make_prompt(label, colour.family, crop_key(item.content_hash, index))
         bounded = bounded_geometry(own, limits)
         pixels = bounded.image
         notes = [*item.notes, *([f"crop {bounded.note}"] if bounded.note else [])]
@@ -249,6 +249,7 @@ def _plan(
                 "detail": "; ".join(notes)[:1000] if notes else None,
                 "colour_name": colour.name,
                 "colour_rgb": "#{:02x}{:02x}{:02x}".format(*colour.rgb),
+                "colour_family": colour.family,
                 "prompt": prompt,
                 "blob_key": blobs.put(buffer.getvalue()),
             }

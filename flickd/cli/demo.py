@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from flickd.cli.demo_report import (
+    RECALL_TARGET,
     TEXT_QUERIES,
     DemoResult,
     Truth,
     describe,
+    hit_words,
     judge,
     recall,
     render,
@@ -79,17 +81,34 @@ def demo(out_dir: Path, products: int, detector: bool) -> None:
     if result.finalize:
         before = recall(result.finalize, "before", "text_to_image", 5)
         after = recall(result.finalize, "after", "text_to_image", 5)
+        asked = result.finalize.get("after", {}).get("text_to_image", {})
         click.echo(
             f"fine-tuned CLIP: held-out text->image recall@5 {_round(before)} -> "
-            f"{_round(after)}, "
+            f"{_round(after)} (target {RECALL_TARGET}; {asked.get('queries', '?')} queries "
+            f"'a/an {{colour family}} {{garment}}' over {asked.get('gallery', '?')} crops of "
+            f"unseen products), "
             f"{'promoted' if result.finalize.get('promoted') else 'not promoted'}"
         )
-    click.echo("searches, top hit RIGHT or WRONG by the catalog's ground truth:")
+    click.echo(
+        "searches, top hit RIGHT or WRONG by the catalog's ground truth "
+        "(a text hit is right when its colour family and garment are the query's):"
+    )
     for search in result.searches:
-        top = search["hits"][0] if search["hits"] else None
-        found = f"{top['product_id']} {top['score']:.3f} {top['match']}" if top else "nothing"
+        hits = search["hits"]
+        top = hits[0] if hits else None
+        found = (
+            f"{top['product_id']} {hit_words(top)}, {top['score']:.3f} {top['match']}"
+            if top
+            else "nothing"
+        )
         mark = ("RIGHT" if top["right"] else "WRONG") if top else "     "
-        click.echo(f"  {mark} {search['query']!r}: {found}")
+        tally = (
+            f" {sum(h['right'] for h in hits)}/{len(hits)} right "
+            f"({search.get('matching_products', '?')} in the catalog)"
+            if search["kind"] == "text"
+            else ""
+        )
+        click.echo(f"  {mark}{tally} {search['query']!r}: {found}")
     click.echo(f"report: {result.report}  ({result.seconds:.0f} s)")
     click.echo("")
     click.echo(
@@ -113,9 +132,11 @@ def demo_settings(out_dir: Path, models: dict[str, Path], detector: bool) -> Set
         device="cpu",
         finalize="auto",
         finetune_min_new_crops=1,
-        # A randomly initialised tiny CLIP learns at rates a pretrained one would not survive.
+        # A randomly initialised tiny CLIP learns at rates a pretrained one would not survive,
+        # and needs ~300 steps on the 100-product catalog to learn both colour and garment
+        # words (8 epochs reached held-out recall@5 0.85 on 300 products, 60 reach 0.97).
         train_lr=1e-3,
-        train_epochs=8,
+        train_epochs=60,
         train_batch_size=32,
     )
 
@@ -184,7 +205,7 @@ def run_demo(
         judge(search, truth)
         search["catalog_size"] = len(truth)
         if search["kind"] == "image":
-            search["shows"] = describe(*_known(truth[search["expected"]]))
+            search["shows"] = describe(*truth[search["expected"]])
         for hit in search["hits"]:
             hit["thumb"] = _crop_uri(settings, hit["crop_id"])
     first = catalog.products[0]
@@ -202,9 +223,7 @@ def run_demo(
         finalize_status=finalize_status,
         index=service.status(),
         timings=timings,
-        explore=explore_commands(
-            settings, describe(*_known(truth[first.product_id])), first.product_id
-        ),
+        explore=explore_commands(settings, describe(*truth[first.product_id]), first.product_id),
     )
     result.seconds = time.perf_counter() - started
     report.write_text(render(result), encoding="utf-8")
@@ -264,16 +283,8 @@ def _outcome(settings: Settings, run_id: int) -> tuple[dict[str, Any], str | Non
 
 
 def _catalog_truth(catalog: Catalog) -> dict[str, Truth]:
-    """Each product's (category, colour name), as the synthetic catalog generated it."""
-    return {
-        p.product_id: (p.category, p.colour_name or (p.images[0].colour_name if p.images else None))
-        for p in catalog.products
-    }
-
-
-def _known(truth: Truth) -> tuple[str, str]:
-    category, colour = truth
-    return category or "product", colour or "plain"
+    """Each product's (category, colour family), as the synthetic catalog generated it."""
+    return {p.product_id: (p.category, p.colour_family) for p in catalog.products}
 
 
 def _hits(response: Any) -> list[dict[str, Any]]:

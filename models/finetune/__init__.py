@@ -12,10 +12,12 @@ both sides), lr 5e-7, and only a validation loss to look at. Here:
   ``model_versions`` row whose parent is the base model.
 
 Relevance, as used for both the training targets and the metrics: two crops *describe the same
-thing* when their colour name and fine label are equal (:attr:`Pair.description`). The prompt
-text itself is not the unit, because its template ("a photo of …", "an image of …") is picked by
-a hash of the crop, not by its content; "a photo of a navy dress" and "an image of a navy dress"
-are the same query.
+thing* when their colour family and fine label are equal (:attr:`Pair.description`), i.e. each
+answers the other's shopper query ("a navy jacket"). The text→image queries are those shopper
+queries (:attr:`Pair.query`, "a/an {colour family} {garment}"), never the prompts trained on:
+a prompt's template ("a photo of …", "an image of …") is picked by a hash of the crop, and
+recall on the training sentences says little about what people type. Training words each text
+afresh (bare or in any template) and crops and mirrors each image (``TrainConfig``).
 
 The package, by job: ``data`` (pairs and the split), ``retrieval`` (the recall metrics),
 ``config`` (``TrainConfig``, ``PromotionRule``), ``clip`` (loading, embedding with and saving

@@ -29,6 +29,13 @@ class TrainConfig:
     frozen_vision_layers: int = 0  # patch embeddings + this many first vision layers stay fixed
     train_logit_scale: bool = True
     eval_batch_size: int = 64
+    # Each step words a pair's text afresh: its shopper query ("a navy jacket") or any prompt
+    # template around it, so the model learns the colour and garment words, not one sentence.
+    text_variants: bool = True
+    # Each step sees a random crop (at least ``augment_min_area`` of the image) of each image,
+    # sometimes mirrored: never a colour change, since colour is what the text names.
+    image_augment: bool = True
+    augment_min_area: float = 0.7
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
@@ -37,6 +44,8 @@ class TrainConfig:
             raise ValueError("epochs and max_steps must be >= 0")
         if self.lr < 0 or not 0.0 <= self.warmup_fraction <= 1.0:
             raise ValueError("lr must be >= 0 and warmup_fraction in [0, 1]")
+        if not 0.0 < self.augment_min_area <= 1.0:
+            raise ValueError("augment_min_area must be in (0, 1]")
 
 
 @dataclass(frozen=True)

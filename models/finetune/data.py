@@ -12,6 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from models.colour import family_of
+from models.labels import label_by_name
+from models.prompts import noun_phrase
+
 if TYPE_CHECKING:
     from flickd.core.blobstore import BlobStore
 
@@ -28,15 +32,32 @@ class Pair:
     colour_name: str | None
     fine_label: str | None
     blob_dir: Path | BlobStore  # a local blob directory, or the storage's blob store
+    colour_family: str | None = None  # crops.colour_family; None: the fine name's family
+
+    @property
+    def family(self) -> str | None:
+        """The everyday colour word a shopper would use for the crop ("navy", "multicolour")."""
+        return self.colour_family or family_of(self.colour_name)
 
     @property
     def description(self) -> str:
-        """What the prompt says about the crop, without the template wording: equal descriptions
-        mean "same colour name, same item", i.e. each crop is a right answer to the other's
-        prompt. Crops with neither field (never written by the pipeline) fall back to the text."""
-        if self.colour_name is None and self.fine_label is None:
+        """What a shopper's query says about the crop: equal descriptions mean "same colour
+        family, same item", i.e. each crop is a right answer to the other's query ("a navy
+        jacket"), whatever its fine colour name ("marine", "navy blue") or prompt template.
+        Crops with neither field (never written by the pipeline) fall back to the text."""
+        if self.colour_name is None and self.fine_label is None and self.colour_family is None:
             return self.prompt
-        return f"{self.colour_name or ''}|{self.fine_label or ''}"
+        return f"{self.family or ''}|{self.fine_label or ''}"
+
+    @property
+    def query(self) -> str:
+        """The shopper's query this crop answers: "a navy jacket", "a pair of black shoes"
+        (the prompt's noun phrase, without a template). Crops without a label or colour fall
+        back to their prompt."""
+        if self.fine_label is None and self.family is None:
+            return self.prompt
+        label = label_by_name(self.fine_label) if self.fine_label else None
+        return noun_phrase(label, self.family)
 
     def image(self) -> Image.Image:
         from flickd.core.blobstore import BlobStore

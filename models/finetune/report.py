@@ -37,7 +37,9 @@ def plot_report(path: Path, report: dict[str, Any]) -> None:
     bar_ax.bar(x - 0.2, before, 0.4, label="before")
     bar_ax.bar(x + 0.2, after, 0.4, label="after")
     bar_ax.set_xticks(x, labels, rotation=30)
-    bar_ax.set(ylim=(0, 1), ylabel="recall", title="held-out retrieval")
+    form = report.get("text_queries", {}).get("form")
+    title = f"held-out retrieval (t→i queries: {form})" if form else "held-out retrieval"
+    bar_ax.set(ylim=(0, 1), ylabel="recall", title=title)
     bar_ax.legend()
     promoted = "promoted" if report["promotion"]["promoted"] else "not promoted"
     figure.suptitle(f"{report['base_model']} → {report['out_dir']} ({promoted})", fontsize=9)

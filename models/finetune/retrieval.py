@@ -1,4 +1,9 @@
-"""Held-out retrieval metrics: text→image and image→image recall@k of an encoder."""
+"""Held-out retrieval metrics: text→image and image→image recall@k of an encoder.
+
+Text→image asks what a shopper types, "a/an {colour family} {garment}" (:attr:`Pair.query`:
+"a navy jacket", "a pair of black shoes"), not the crops' own prompts: a prompt is what the model
+trains on ("a studio photo of a navy jacket"), and recall on the training sentence form says
+little about the searches people run."""
 
 from __future__ import annotations
 
@@ -53,10 +58,10 @@ def text_to_image_recall(
     descriptions: Sequence[str],
     ks: Sequence[int] = RECALL_KS,
 ) -> dict[str, Any]:
-    """Queries are the *distinct* prompt texts (a prompt shared by many crops is asked once, so
-    common items do not dominate); the gallery is every crop; a crop is relevant to a query when
-    its description equals that of the crop(s) the query was written for, whatever template
-    either used. ``text_vectors[i]`` embeds ``texts[i]``, the prompt of crop ``i``."""
+    """Queries are the *distinct* texts (a query shared by many crops is asked once, so common
+    items do not dominate); the gallery is every crop; a crop is relevant to a query when its
+    description equals that of the crop(s) the query was written for. ``text_vectors[i]``
+    embeds ``texts[i]``, the query of crop ``i``."""
     first: dict[str, int] = {}
     for i, text in enumerate(texts):
         first.setdefault(text, i)
@@ -97,14 +102,15 @@ def image_to_image_recall(
 
 
 def evaluate_retrieval(encoder: Encoder, eval_pairs: Sequence[Pair]) -> dict[str, dict[str, Any]]:
-    """Text→image and image→image recall@1/5/10 of ``encoder`` over ``eval_pairs``."""
+    """Text→image (shoppers' queries, :attr:`Pair.query`) and image→image recall@1/5/10 of
+    ``encoder`` over ``eval_pairs``."""
     if not eval_pairs:
         raise ValueError("no pairs to evaluate on")
     chunks = [
         eval_pairs[i : i + EVAL_IMAGE_CHUNK] for i in range(0, len(eval_pairs), EVAL_IMAGE_CHUNK)
     ]
     image_vectors = np.concatenate([encoder.embed_images([p.image() for p in c]) for c in chunks])
-    texts = [pair.prompt for pair in eval_pairs]
+    texts = [pair.query for pair in eval_pairs]
     text_vectors = encoder.embed_texts(texts)
     return {
         TEXT_TO_IMAGE: text_to_image_recall(

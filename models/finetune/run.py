@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,10 @@ from models.finetune.training import StepLog, train
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, dict[str, Any]]
+
+# The shape of the held-out text queries (models.finetune.data.Pair.query), as reports state it.
+QUERY_FORM = "a/an {colour family} {garment}"
+MAX_QUERY_EXAMPLES = 12
 
 
 @dataclass
@@ -52,6 +56,7 @@ class FinetuneRun:
     score_after: float
     steps: StepLog
     timings: dict[str, float]
+    eval_queries: list[str] = field(default_factory=list)  # the held-out text queries asked
 
     @property
     def promotion(self) -> dict[str, Any]:
@@ -72,7 +77,17 @@ class FinetuneRun:
             "train_pairs": self.split["train_pairs"],
             "eval_pairs": self.split["eval_pairs"],
             "catalog_crops": self.catalog_crops,
+            "text_queries": self.text_queries,
             **self.promotion,
+        }
+
+    @property
+    def text_queries(self) -> dict[str, Any]:
+        """What the text→image recall asked: the query form and a sample of the queries."""
+        return {
+            "form": QUERY_FORM,
+            "count": len(self.eval_queries),
+            "examples": self.eval_queries[:MAX_QUERY_EXAMPLES],
         }
 
     def report(self, version_id: int, parent_version_id: int) -> dict[str, Any]:
@@ -87,6 +102,7 @@ class FinetuneRun:
             "precision": self.precision,
             "config": asdict(self.config),
             "split": self.split,
+            "text_queries": self.text_queries,
             "eval_before": self.before,
             "eval_after": self.after,
             "promotion": self.promotion,
@@ -169,6 +185,7 @@ def finetune(
         score_after=score_after,
         steps=steps,
         timings={f"{step}_s": seconds for step, seconds in clock.seconds.items()},
+        eval_queries=list(dict.fromkeys(p.query for p in eval_pairs)),
     )
 
 

@@ -1,4 +1,5 @@
-"""The training loop: freeze options, the multi-positive contrastive loss, batches, AdamW."""
+"""The training loop: freeze options, the multi-positive contrastive loss, batches, augmentation
+(text wordings, crops and mirrors), AdamW."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from models.device import autocast_dtype
 from models.embedder import _projected
 from models.finetune.clip import Clip
 from models.finetune.config import TrainConfig
 from models.finetune.data import Pair, same_description
+from models.prompts import TEMPLATES
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +125,36 @@ def _steps_per_epoch(n_pairs: int, batch_size: int) -> int:
     return full + (1 if rest > 1 else 0)
 
 
-def _collate(pairs: Sequence[Pair], clip: Clip) -> _Batch:
-    pixels = clip.processor(images=[p.image() for p in pairs], return_tensors="pt")["pixel_values"]
+def _text(pair: Pair, config: TrainConfig, rng: random.Random) -> str:
+    """The pair's prompt, or with ``text_variants`` any wording of its query: bare (as shoppers
+    type it) or in one of the prompt templates."""
+    if not config.text_variants or pair.query == pair.prompt:
+        return pair.prompt
+    wordings = ("{}", *TEMPLATES)
+    return wordings[rng.randrange(len(wordings))].format(pair.query)
+
+
+def _image(pair: Pair, config: TrainConfig, rng: random.Random) -> Image.Image:
+    """The pair's crop, or with ``image_augment`` a random part of it (aspect kept within
+    3:4..4:3), mirrored half the time. Geometry only: the colour is the label."""
+    image = pair.image()
+    if not config.image_augment:
+        return image
+    width, height = image.size
+    area = rng.uniform(config.augment_min_area, 1.0)
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w = max(1, min(width, round(width * math.sqrt(area * aspect))))
+    h = max(1, min(height, round(height * math.sqrt(area / aspect))))
+    x, y = rng.randint(0, width - w), rng.randint(0, height - h)
+    image = image.crop((x, y, x + w, y + h))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+
+
+def _collate(pairs: Sequence[Pair], clip: Clip, config: TrainConfig, rng: random.Random) -> _Batch:
+    images = [_image(p, config, rng) for p in pairs]
+    pixels = clip.processor(images=images, return_tensors="pt")["pixel_values"]
     tokens = clip.tokenizer(
-        [p.prompt for p in pairs],
+        [_text(p, config, rng) for p in pairs],
         padding=True,
         truncation=True,
         max_length=clip.max_text_tokens,
@@ -194,7 +223,7 @@ def train(
     try:
         while len(log_.losses) < total:
             for pairs_batch in _batches(pairs, config.batch_size, rng):
-                loss = _forward_loss(clip, _collate(pairs_batch, clip))
+                loss = _forward_loss(clip, _collate(pairs_batch, clip, config, rng))
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if config.grad_clip > 0:

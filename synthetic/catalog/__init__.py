@@ -53,6 +53,7 @@ from synthetic.catalog.vocabulary import (
     COLOURS,
     FEED_COLUMNS,
     VARIANTS,
+    colour_family,
     nearest_colour,
 )
 
@@ -71,6 +72,7 @@ __all__ = [
     "Product",
     "Rendering",
     "View",
+    "colour_family",
     "feed_format",
     "feed_frame",
     "frame_size",

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from synthetic.catalog.vocabulary import COLOURS, SizeClass
+from synthetic.catalog.vocabulary import COLOURS, SizeClass, colour_family
 
 
 @dataclass
@@ -23,6 +23,10 @@ class CatalogImage:
     bbox: tuple[int, int, int, int] = (0, 0, 0, 0)  # garment box x0, y0, x1, y1 (exclusive)
     coverage: float = 0.0  # garment share of the frame, 0..1
 
+    @property
+    def colour_family(self) -> str:
+        return colour_family(self.colour_name)
+
 
 @dataclass
 class Product:
@@ -34,6 +38,12 @@ class Product:
     images: list[CatalogImage]
     colour_name: str = ""
     variant: str = ""  # key of VARIANTS[category]
+
+    @property
+    def colour_family(self) -> str | None:
+        """The everyday family of the product's colour (None for a product without one)."""
+        name = self.colour_name or (self.images[0].colour_name if self.images else "")
+        return colour_family(name) if name else None
 
 
 @dataclass

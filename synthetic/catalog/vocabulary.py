@@ -5,6 +5,7 @@ feed writers."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -120,6 +121,16 @@ FEED_COLUMNS: tuple[str, ...] = ("product_id", "image_url", "title", "brand", "c
 
 def _rgb_distance(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.linalg.norm(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)))
+
+
+@cache
+def colour_family(name: str) -> str:
+    """The everyday colour family of one of :data:`COLOURS` ("teal" -> "blue", "burgundy" ->
+    "red"), as flickd names it (models/colour.py): the ground truth a shopper's "a blue skirt"
+    is judged by. Every family but multicolour has at least one of the sixteen colours."""
+    from models.colour import name_rgb
+
+    return name_rgb(COLOURS[name]).family
 
 
 def nearest_colour(rgb: Sequence[float]) -> str:
