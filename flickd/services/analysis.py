@@ -41,6 +41,7 @@ class AnalysedCrop:
     crop: Crop
     pixels: PILImage.Image  # as cut from the image (what the colour is read from)
     colour: str
+    colour_family: str  # everyday word (models.colour.COLOUR_FAMILIES)
     colour_rgb: str
     vector: np.ndarray  # unit vector of the crop as CLIP saw it (bounded)
     detail: str | None  # what was done to the image or crop, when not plain detection
@@ -96,6 +97,7 @@ def analyse_images(
                     crop=crop,
                     pixels=pixels,
                     colour=colour.name,
+                    colour_family=colour.family,
                     colour_rgb="#{:02x}{:02x}{:02x}".format(*colour.rgb),
                     vector=vectors[position],
                     detail=_detail(item.notes, bounded),

@@ -107,6 +107,7 @@ class QueryItem(BaseModel):
     box: tuple[float, float, float, float] | None = None  # pixels of the query image
     whole_image: bool = False
     colour: str | None = None
+    colour_family: str | None = None
     # Why the item is what it is, when that is not plain detection (detection failed, padded).
     detail: str | None = None
     results: list[ProductHit]
@@ -575,6 +576,7 @@ def _query_item(item: AnalysedCrop, hits: Sequence[ProductHit]) -> QueryItem:
         box=crop.box,
         whole_image=crop.whole_image,
         colour=item.colour,
+        colour_family=item.colour_family,
         detail=item.detail,
         results=list(hits),
     )
