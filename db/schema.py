@@ -153,6 +153,20 @@ class IngestRun(Base):
     finalize_status: Mapped[str | None] = mapped_column(String(32))
     finalize_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Catalog sync: a full feed is the whole catalog (products missing from it are delisted),
+    # a delta only adds and updates. What the run did to the catalog's products:
+    full_feed: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    products_created: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    products_updated: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    products_unchanged: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    products_delisted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    products_relisted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Rows accepted with a value left out (unreadable_price, unknown_availability): reason ->
+    # rows; the rows themselves are in rejected_rows under those reasons.
+    notes_by_reason: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Why a full feed's delisting was refused (empty, cut short, too large a share): nothing
+    # was delisted; its rows were recorded as a delta.
+    sync_refused: Mapped[str | None] = mapped_column(Text)
 
 
 class RejectedRow(Base):
@@ -183,7 +197,8 @@ class Product(Base):
     # Listing state, kept by catalog sync: a delisted product leaves search at once; its rows
     # stay for FLICKD_DELIST_GRACE_SECONDS (a return relists it without a download), then go.
     listed: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
-    delisted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Indexed: the reconciler purges products delisted longer than the grace period.
+    delisted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     in_stock: Mapped[bool | None] = mapped_column(Boolean)  # None: the feed does not say
     currency: Mapped[str | None] = mapped_column(String(3))  # ISO 4217 of ``price``
     seen_run_id: Mapped[int | None] = mapped_column(Id)  # the last run whose feed had it
@@ -215,7 +230,8 @@ class Image(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
     url: Mapped[str] = mapped_column(Text)
-    url_hash: Mapped[str] = mapped_column(String(32))
+    # Indexed: the same URL under several products is fetched and analysed once (siblings).
+    url_hash: Mapped[str] = mapped_column(String(32), index=True)
     # The run that last enqueued the image. No foreign key on purpose: the check would run once
     # per inserted row (a quarter of the producer's insert time) and runs are never deleted.
     run_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
@@ -230,7 +246,8 @@ class Image(Base):
     stage_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)  # why the last attempt did not finish
     content_hash: Mapped[str | None] = mapped_column(String(64))
-    blob_key: Mapped[str | None] = mapped_column(String(80))
+    # Indexed: a purge deletes a blob only when no other image (or crop) still uses it.
+    blob_key: Mapped[str | None] = mapped_column(String(80), index=True)
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -292,7 +309,7 @@ class Crop(Base):
     # Everyday colour word (models.colour.COLOUR_FAMILIES): "navy", "beige", "multicolour".
     colour_family: Mapped[str | None] = mapped_column(String(16), index=True)
     prompt: Mapped[str | None] = mapped_column(Text)
-    blob_key: Mapped[str | None] = mapped_column(String(80))
+    blob_key: Mapped[str | None] = mapped_column(String(80), index=True)
     detector_version: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -2,7 +2,8 @@
 
 One Celery message carries a batch of image ids; inside the task a thread pool fetches them
 (downloading is I/O-bound, so threads, not processes, give the concurrency). Every image ends
-in exactly one state: ``downloaded`` or ``failed`` with a reason. The batch's outcomes are
+in exactly one state: ``downloaded`` or ``failed`` with a reason. The same URL under several
+products is fetched once (db/siblings.py). The batch's outcomes are
 committed together, each guarded by ``state = 'queued'``, so a re-delivered batch (after a
 worker was killed) finishes what is left and rewrites nothing.
 """
@@ -10,6 +11,7 @@ worker was killed) finishes what is left and rewrites nothing.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import os
 import threading
@@ -23,6 +25,7 @@ from sqlalchemy import Connection, bindparam, select
 from db.images import claim, record_failures, transition
 from db.schema import Image, ImageState, utcnow
 from db.session import retrying, session_scope
+from db.siblings import adopt_downloads, share_download
 from db.sql import id_in
 from flickd.core.blobstore import BlobStore
 from flickd.core.broker import ANALYZE_TASK
@@ -133,6 +136,9 @@ def claim_queued(image_ids: list[int], settings: Settings) -> list[tuple[int, in
         with session_scope(settings) as session:
             conn = session.connection()
             ids = claim(conn, image_ids, ImageState.QUEUED.value, settings.max_stage_attempts)
+            # A sibling (same URL, another product) already has the bytes: no fetch.
+            adopted = set(adopt_downloads(conn, ids))
+            ids = [i for i in ids if i not in adopted]
             if not ids:
                 return []
             rows = conn.execute(
@@ -185,6 +191,7 @@ def record_outcomes(outcomes: list[DownloadOutcome], settings: Settings) -> None
             ImageState.QUEUED.value,
             [(o.image_id, o.reason.value, o.detail, o.attempts) for o in bad if o.reason],
         )
+        share_download(conn, [o.image_id for o in ok])  # queued siblings take the bytes too
 
     retrying(step)
 
@@ -196,12 +203,17 @@ def _download_all(
     session: HttpClient,
     blobs: BlobStore,
 ) -> list[DownloadOutcome]:
-    """Every row through :func:`download_one`, on at most ``download_threads`` threads that
-    each take the next row when done: one pool task per thread, not per image (a future per
-    image handed the GIL back and forth 256 times a batch between the task thread and 64
-    busy downloaders)."""
+    """Every URL through :func:`download_one` once (the batch's siblings, same URL under
+    several products, share the outcome), on at most ``download_threads`` threads that each
+    take the next row when done: one pool task per thread, not per image (a future per image
+    handed the GIL back and forth 256 times a batch between the task thread and 64 busy
+    downloaders)."""
+    first: dict[str, int] = {}
+    for i, (_id, _run, url) in enumerate(todo):
+        first.setdefault(url, i)
+    leaders = sorted(first.values())
     outcomes: list[DownloadOutcome | None] = [None] * len(todo)
-    rows = iter(enumerate(todo))
+    rows = iter((i, todo[i]) for i in leaders)
     lock = threading.Lock()
 
     def drain() -> None:
@@ -214,10 +226,14 @@ def _download_all(
             outcomes[i] = download_one(*row, settings, session, blobs)
 
     # Each thread runs in a copy of this task's context, so its log lines carry the task id.
-    slots = min(len(todo), max(1, settings.download_threads))
+    slots = min(len(leaders), max(1, settings.download_threads))
     futures = [pool.submit(contextvars.copy_context().run, drain) for _ in range(slots)]
     for future in futures:
-        future.result()  # download_one never raises: every slot is filled once they return
+        future.result()  # download_one never raises: every leader is filled once they return
+    for i, (image_id, run_id, url) in enumerate(todo):
+        if outcomes[i] is None:
+            lead = cast(DownloadOutcome, outcomes[first[url]])
+            outcomes[i] = dataclasses.replace(lead, image_id=image_id, run_id=run_id, attempts=0)
     return cast(list[DownloadOutcome], outcomes)
 
 

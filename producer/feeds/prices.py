@@ -47,8 +47,12 @@ _SYMBOLS: Final = {
 }
 _FREE: Final = frozenset({"free", "gratis", "gratuit", "kostenlos", "free of charge"})
 _SYMBOL_RE: Final = "|".join(re.escape(s) for s in sorted(_SYMBOLS, key=len, reverse=True))
-_CURRENCY_AT_START: Final = re.compile(rf"^(?:(?P<code>[A-Z]{{3}})(?![A-Za-z])|(?P<sym>{_SYMBOL_RE}))\s*")
-_CURRENCY_AT_END: Final = re.compile(rf"\s*(?:(?<![A-Za-z])(?P<code>[A-Z]{{3}})|(?P<sym>{_SYMBOL_RE}))$")
+_CURRENCY_AT_START: Final = re.compile(
+    rf"^(?:(?P<code>[A-Z]{{3}})(?![A-Za-z])|(?P<sym>{_SYMBOL_RE}))\s*"
+)
+_CURRENCY_AT_END: Final = re.compile(
+    rf"\s*(?:(?<![A-Za-z])(?P<code>[A-Z]{{3}})|(?P<sym>{_SYMBOL_RE}))$"
+)
 _NUMBER: Final = re.compile(r"^\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)$")
 _THOUSANDS_COMMA: Final = re.compile(r"^[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?$")  # 1,299.00
 _DECIMAL_COMMA: Final = re.compile(r"^[0-9]{1,3}(?:\.[0-9]{3})+(?:,[0-9]+)?$|^[0-9]+,[0-9]+$")

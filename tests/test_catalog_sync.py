@@ -1,0 +1,246 @@
+"""Catalog sync on real Postgres and Redis: full and delta feeds, delisting and relisting,
+changes in place, the guards against broken exports, prices in other formats, and the purge
+after the grace period. Downloads go through a real worker process and the loopback server,
+which counts every request, so "not downloaded again" is checked at the source."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from sqlalchemy import func, select, update
+
+from db.schema import Image, IngestRun, Product, RejectedRow, utcnow
+from db.session import session_scope
+from flickd.core.blobstore import BlobStore
+from flickd.core.settings import Settings
+from producer.ingest import ingest
+from synthetic.catalog import Catalog
+from synthetic.server import CatalogServer
+from tests.conftest import (
+    catalog_fixture,
+    celery_worker,
+    run_flickd,
+    settings_env,
+    wait_for_run,
+)
+from workers.reconcile import reconcile_once
+
+pytestmark = pytest.mark.services
+
+catalog = catalog_fixture(8, seed=21)
+
+
+def rows_for(
+    catalog: Catalog, server: CatalogServer, ids: list[str], **changes: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Feed rows (one per image) of the catalog's products ``ids``; ``changes[id]`` overrides
+    fields of that product's rows."""
+    by_id = {p.product_id: p for p in catalog.products}
+    rows = []
+    for product_id in ids:
+        product = by_id[product_id]
+        for image in product.images:
+            row = {
+                "product_id": product_id,
+                "image_url": server.image_url(image.filename),
+                "title": product.title,
+                "brand": product.brand,
+                "category": product.category,
+                "price": f"{product.price:.2f}",
+            }
+            row.update(changes.get(product_id, {}))
+            rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str] | None = None) -> Path:
+    frame = pd.DataFrame(rows, columns=columns or list(rows[0]))
+    frame.to_csv(path, index=False)
+    return path
+
+
+def products(settings: Settings) -> dict[str, Product]:
+    with session_scope(settings) as session:
+        return {p.external_id: p for p in session.scalars(select(Product))}
+
+
+def images(settings: Settings) -> list[Image]:
+    with session_scope(settings) as session:
+        return list(session.scalars(select(Image).order_by(Image.id)))
+
+
+def image_hits(catalog: Catalog, server: CatalogServer) -> dict[str, int]:
+    return {i.filename: server.hits(f"/images/{i.filename}") for i in catalog.images}
+
+
+def run_row(settings: Settings, run_id: int) -> IngestRun:
+    with session_scope(settings) as session:
+        run = session.get(IngestRun, run_id)
+        assert run is not None
+        return run
+
+
+def ids(catalog: Catalog) -> list[str]:
+    return [p.product_id for p in catalog.products]
+
+
+@pytest.fixture()
+def settings(pg_settings: Settings) -> Settings:
+    return pg_settings.model_copy(update={"max_delist_share": 0.5})
+
+
+def test_second_full_feed_removes_changes_and_adds(settings, catalog, server, tmp_path):
+    """A full feed, then a second full feed with products removed, changed and added: the
+    database, `flickd show` and the summary agree with the second feed, and nothing but the
+    added product's images is downloaded again."""
+    every = ids(catalog)
+    first = every[:6]
+    removed, changed, added = every[0], every[1], every[6]
+    second = [p for p in first if p != removed] + [added]
+    env = settings_env(settings)
+    with celery_worker(settings, queues="download", concurrency=2):
+        out = run_flickd(
+            "ingest",
+            str(write_csv(tmp_path / "day1.csv", rows_for(catalog, server, first))),
+            "--full",
+            "--wait",
+            "--json",
+            env=env,
+        )
+        day1 = json.loads(out.stdout)
+        assert day1["products"] == {
+            "created": 6,
+            "updated": 0,
+            "unchanged": 0,
+            "delisted": 0,
+            "relisted": 0,
+        }
+        assert day1["status"] == "done" and day1["full"] is True
+        before = products(settings)
+        hits_before = image_hits(catalog, server)
+
+        feed2 = rows_for(
+            catalog,
+            server,
+            second,
+            **{changed: {"title": "Renamed coat", "price": "€1.234,50", "brand": "Newbrand"}},
+        )
+        out = run_flickd(
+            "ingest",
+            str(write_csv(tmp_path / "day2.csv", feed2)),
+            "--full",
+            "--wait",
+            "--json",
+            env=env,
+        )
+        day2 = json.loads(out.stdout)
+    assert day2["products"] == {
+        "created": 1,
+        "updated": 1,
+        "unchanged": 4,
+        "delisted": 1,
+        "relisted": 0,
+    }
+    assert day2["sync_refused"] is None
+    run = run_row(settings, day2["run_id"])
+    assert (run.full_feed, run.products_created, run.products_updated) == (True, 1, 1)
+    assert (run.products_unchanged, run.products_delisted, run.products_relisted) == (4, 1, 0)
+
+    after = products(settings)
+    assert {pid for pid, p in after.items() if p.listed} == set(second)
+    gone = after[removed]
+    assert not gone.listed and gone.delisted_at is not None
+    assert gone.updated_at > before[removed].updated_at
+    moved = after[changed]
+    assert (moved.title, moved.brand, moved.price, moved.currency) == (
+        "Renamed coat",
+        "Newbrand",
+        1234.5,
+        "EUR",
+    )
+    assert moved.updated_at > before[changed].updated_at
+    for pid in set(second) - {changed, added}:  # unchanged rows are not written at all
+        assert after[pid].updated_at == before[pid].updated_at
+        assert after[pid].seen_run_id == day2["run_id"]
+
+    # Only the added product's images were fetched by the second run.
+    hits = image_hits(catalog, server)
+    added_files = {i.filename for i in catalog.products[6].images}
+    for name, count in hits.items():
+        assert count == hits_before[name] + (1 if name in added_files else 0), name
+    assert {i.state for i in images(settings)} == {"downloaded"}
+
+    shown = run_flickd("show", removed, env=env).stdout
+    assert "DELISTED since" in shown
+    details = json.loads(run_flickd("show", removed, "--json", env=env).stdout)
+    assert details["listed"] is False and details["delisted_at"]
+    details = json.loads(run_flickd("show", changed, "--json", env=env).stdout)
+    assert details["listed"] and details["title"] == "Renamed coat"
+    assert "1234.50 EUR" in run_flickd("show", changed, env=env).stdout
+
+
+def test_delisted_product_returns_without_a_download(settings, catalog, server, tmp_path):
+    every = ids(catalog)[:5]
+    back = every[2]
+    with celery_worker(settings, queues="download", concurrency=2):
+        first = ingest(write_csv(tmp_path / "a.csv", rows_for(catalog, server, every)), settings)
+        assert wait_for_run(settings, first.run_id, timeout=60) == "done"
+        hits = image_hits(catalog, server)
+        without = [p for p in every if p != back]
+        gone = ingest(
+            write_csv(tmp_path / "b.csv", rows_for(catalog, server, without)), settings, full=True
+        )
+        assert gone.delisted == 1 and gone.enqueued == 0
+        assert not products(settings)[back].listed
+        returned = ingest(
+            write_csv(tmp_path / "c.csv", rows_for(catalog, server, every)), settings, full=True
+        )
+    assert (returned.relisted, returned.unchanged, returned.delisted, returned.enqueued) == (
+        1,
+        4,
+        0,
+        0,
+    )
+    product = products(settings)[back]
+    assert product.listed and product.delisted_at is None
+    assert image_hits(catalog, server) == hits  # nothing fetched again
+    assert {i.state for i in images(settings)} == {"downloaded"}
+
+
+def test_delta_feed_never_delists_but_honours_availability(settings, catalog, server, tmp_path):
+    every = ids(catalog)[:4]
+    full = ingest(write_csv(tmp_path / "full.csv", rows_for(catalog, server, every)), settings)
+    assert full.created == 4
+    delta_rows = rows_for(
+        catalog,
+        server,
+        every[:3],
+        **{
+            every[0]: {"availability": "out of stock"},
+            every[1]: {"availability": "discontinued"},
+            every[2]: {"availability": "In Stock"},
+        },
+    )
+    delta = ingest(write_csv(tmp_path / "delta.csv", delta_rows), settings)
+    assert (delta.updated, delta.delisted, delta.unchanged) == (2, 1, 0)
+    after = products(settings)
+    assert after[every[0]].listed and after[every[0]].in_stock is False
+    assert not after[every[1]].listed and after[every[1]].delisted_at is not None
+    assert after[every[2]].in_stock is True
+    assert after[every[3]].listed  # missing from a delta: untouched
+    # A `deleted` column delists too, and an unknown value is a note, not a delisting.
+    rows = rows_for(
+        catalog,
+        server,
+        [every[2], every[3]],
+        **{every[2]: {"deleted": "yes"}, every[3]: {"deleted": "perhaps"}},
+    )
+    second = ingest(write_csv(tmp_path / "deleted.csv", rows), settings)
+    assert second.delisted == 1 and dict(second.notes_by_reason) == {"unknown_availability": 1}
+    after = products(settings)
+    assert not after[every[2]].listed and after[every[3]].listed
