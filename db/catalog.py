@@ -224,13 +224,14 @@ def retire_replaced(conn: Connection, product_ids: Any, now: datetime | None = N
     return int(result.rowcount or 0)
 
 
-def retire_for_images(conn: Connection, image_ids: list[int]) -> int:
-    """:func:`retire_replaced` for the products of ``image_ids`` (a batch just analysed)."""
+def retire_for_images(conn: Connection, image_ids: list[int], now: datetime | None = None) -> int:
+    """:func:`retire_replaced` for the products of ``image_ids`` (a batch just analysed, at
+    ``now``: the old images' ``retired_at`` is the new ones' ``analyzed_at``)."""
     if not image_ids:
         return 0
     images = Image.__table__
     return retire_replaced(
-        conn, select(images.c.product_id).where(images.c.id.in_(image_ids)).distinct()
+        conn, select(images.c.product_id).where(images.c.id.in_(image_ids)).distinct(), now
     )
 
 

@@ -96,7 +96,9 @@ def share_download(conn: Connection, image_ids: Sequence[int]) -> list[int]:
     return adopt_downloads(conn, waiting)
 
 
-def adopt_analysis(conn: Connection, image_ids: Sequence[int]) -> list[int]:
+def adopt_analysis(
+    conn: Connection, image_ids: Sequence[int], now: datetime | None = None
+) -> list[int]:
     """The still-``downloaded`` images of ``image_ids`` whose bytes an analysed image already
     has copy its crops (same crop blobs) and embeddings (every model version) and become
     ``analyzed``; returns their ids."""
@@ -126,7 +128,7 @@ def adopt_analysis(conn: Connection, image_ids: Sequence[int]) -> list[int]:
     pairs = [(row.id, row.donor_id) for row in rows if row.donor_id is not None]
     for sibling, source in pairs:
         _copy_crops(conn, source, sibling)
-    now = utcnow()
+    now = now or utcnow()
     adopted: list[int] = []
     for sibling, _source in pairs:
         result = conn.execute(
@@ -139,7 +141,9 @@ def adopt_analysis(conn: Connection, image_ids: Sequence[int]) -> list[int]:
     return adopted
 
 
-def share_analysis(conn: Connection, image_ids: Sequence[int]) -> list[int]:
+def share_analysis(
+    conn: Connection, image_ids: Sequence[int], now: datetime | None = None
+) -> list[int]:
     """Downloaded siblings (same bytes) of the just-analysed ``image_ids`` copy their analysis
     (same commit); returns the siblings' ids."""
     if not image_ids:
@@ -155,7 +159,7 @@ def share_analysis(conn: Connection, image_ids: Sequence[int]) -> list[int]:
             )
         )
     )
-    return adopt_analysis(conn, waiting)
+    return adopt_analysis(conn, waiting, now)
 
 
 _CROP_COPIED = [c.name for c in Crop.__table__.columns if c.name not in ("id", "image_id")]

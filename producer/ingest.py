@@ -65,7 +65,7 @@ from db.versions import dialect_insert
 from flickd.core.broker import BROKER_ERRORS, DOWNLOAD_TASK, enqueue, send_final_tasks
 from flickd.core.lease import heartbeat
 from flickd.core.settings import Settings
-from producer.feeds import FeedChunk, FeedColumns, FeedError, RejectReason, read_feed, url_hash
+from producer.feeds import FeedChunk, FeedColumns, FeedError, read_feed, url_hash
 from producer.sync import catalog_lock, delisting_guard, looks_cut
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class IngestSummary:
     sync_refused: str | None = None  # why a full feed's delisting was refused
     lock_wait_seconds: float = 0.0  # waiting for another full feed of the catalog
     last_row: int = 0  # the highest source row number read
-    last_malformed: int | None = None  # the row number of the last malformed row
+    last_rejected: int | None = None  # the row number of the last rejected row
 
     @property
     def products_named(self) -> int:
@@ -167,6 +167,7 @@ class IngestSummary:
             },
             "notes_by_reason": dict(self.notes_by_reason),
             "sync_refused": self.sync_refused,
+            "lock_wait_seconds": round(self.lock_wait_seconds, 3),
         }
 
 
@@ -454,7 +455,7 @@ def ingest(
             ):
                 summary.lock_wait_seconds = waited
                 _record_feed(conn, feed, columns, catalog, fmt, settings, summary, on_progress)
-                cut = looks_cut(feed, fmt, summary.last_row, summary.last_malformed)
+                cut = looks_cut(feed, fmt, summary.last_row, summary.last_rejected)
                 guard = delisting_guard(
                     catalog,
                     settings,
@@ -649,6 +650,5 @@ def _count(summary: IngestSummary, chunk: FeedChunk, new_images: int) -> None:
     if not chunk.images.empty:
         numbers.append(int(chunk.images["row_number"].max()))
     summary.last_row = max([summary.last_row, *numbers])
-    malformed = [r.row_number for r in chunk.rejected if r.reason is RejectReason.MALFORMED_ROW]
-    if malformed:
-        summary.last_malformed = max(malformed)
+    if chunk.rejected:
+        summary.last_rejected = max(r.row_number for r in chunk.rejected)

@@ -24,6 +24,7 @@ then applies its whole feed.
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 import zlib
@@ -103,24 +104,41 @@ def _wait_for(take: Callable[[], bool], catalog: str) -> None:
     log.info("the other full feed of catalog %r finished: this one goes on", catalog)
 
 
-def looks_cut(path: Path, fmt: str | None, last_row: int, last_malformed: int | None) -> str | None:
-    """Why an uncompressed CSV/TSV/JSON Lines feed looks cut short, or None: its last row is
-    malformed and the file does not end with a line break (an export that stopped mid-row)."""
-    if last_malformed is None or last_malformed < last_row:
-        return None
+def looks_cut(path: Path, fmt: str | None, last_row: int, last_rejected: int | None) -> str | None:
+    """Why an uncompressed CSV/TSV/JSON Lines feed looks cut short, or None. An export that
+    stopped mid-row leaves a file without a final line break whose last row was rejected (a
+    broken URL, a JSON line cut in two) or has fewer fields than the header (the reader pads
+    such a row, so it would pass for a product with empty fields)."""
     try:
         kind, compression = format_and_compression(path, fmt)
         if compression is not None or kind not in ("csv", "tsv", "jsonl"):
             return None
+        size = path.stat().st_size
         with path.open("rb") as handle:
-            handle.seek(-1, 2)
-            if handle.read(1) in (b"\n", b"\r"):
-                return None
+            head = handle.readline()
+            handle.seek(max(0, size - _TAIL_BYTES))
+            tail = handle.read()
     except (OSError, ValueError):
         return None
-    return (
-        f"the feed looks cut short: its last row ({last_malformed}) is malformed and the file "
-        "does not end with a line break"
+    if not tail or tail.endswith((b"\n", b"\r")):
+        return None
+    if last_rejected is not None and last_rejected >= last_row:
+        why = f"its last row ({last_rejected}) was rejected"
+    elif kind != "jsonl" and _fields(tail.splitlines()[-1], kind) < _fields(head, kind):
+        why = "its last line has fewer fields than the header"
+    else:
+        return None
+    return f"the feed looks cut short: {why} and the file does not end with a line break"
+
+
+_TAIL_BYTES = 64 * 1024
+
+
+def _fields(line: bytes, kind: str) -> int:
+    text = line.decode("utf-8", errors="replace")
+    return max(
+        (len(row) for row in csv.reader([text], delimiter="\t" if kind == "tsv" else ",")),
+        default=0,
     )
 
 

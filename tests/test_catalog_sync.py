@@ -244,3 +244,186 @@ def test_delta_feed_never_delists_but_honours_availability(settings, catalog, se
     assert second.delisted == 1 and dict(second.notes_by_reason) == {"unknown_availability": 1}
     after = products(settings)
     assert not after[every[2]].listed and after[every[3]].listed
+
+
+# --- bad inputs: a broken export must not wipe a store ------------------------------------------
+
+
+def _seed(settings: Settings, catalog: Catalog, server: CatalogServer, tmp_path: Path) -> list[str]:
+    every = ids(catalog)[:5]
+    assert ingest(write_csv(tmp_path / "seed.csv", rows_for(catalog, server, every)), settings)
+    return every
+
+
+def _listed(settings: Settings) -> set[str]:
+    return {pid for pid, p in products(settings).items() if p.listed}
+
+
+def test_empty_full_feed_is_refused(settings, catalog, server, tmp_path):
+    every = _seed(settings, catalog, server, tmp_path)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("product_id,image_url,title,brand,category,price\n")
+    summary = ingest(empty, settings, full=True)
+    assert summary.sync_refused and "names no product" in summary.sync_refused
+    assert "all 5 listed products" in summary.sync_refused
+    assert summary.delisted == 0 and _listed(settings) == set(every)
+    run = run_row(settings, summary.run_id)
+    assert run.sync_refused == summary.sync_refused and run.products_delisted == 0
+    # The operator may insist: --force delists the lot.
+    forced = ingest(empty, settings, full=True, force=True)
+    assert forced.sync_refused is None and forced.delisted == 5 and _listed(settings) == set()
+
+
+def test_truncated_full_feeds_are_refused(settings, catalog, server, tmp_path):
+    import gzip
+
+    every = _seed(settings, catalog, server, tmp_path)
+    whole = write_csv(tmp_path / "whole.csv", rows_for(catalog, server, every[:4]))
+    # A gzip stream cut short: the reader fails mid-file.
+    packed = gzip.compress(whole.read_bytes() * 40)
+    cut_gz = tmp_path / "cut.csv.gz"
+    cut_gz.write_bytes(packed[: len(packed) // 2])
+    summary = ingest(cut_gz, settings, full=True)
+    assert summary.status == "failed" and summary.error
+    assert "nothing was delisted" in (summary.sync_refused or "")
+    assert run_row(settings, summary.run_id).sync_refused == summary.sync_refused
+    assert _listed(settings) == set(every)
+    # A CSV that stops mid-row: its last row is malformed and there is no final line break.
+    text = whole.read_text()
+    cut_csv = tmp_path / "cut.csv"
+    cut_csv.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 1] + f"{every[3]},htt")
+    summary = ingest(cut_csv, settings, full=True, force=False)
+    assert summary.sync_refused and "looks cut short" in summary.sync_refused
+    assert summary.delisted == 0 and _listed(settings) == set(every)
+    # What the rows said is still recorded (as a delta would be): nothing lost.
+    named = {line.split(",")[0] for line in cut_csv.read_text().splitlines()[1:-1]}
+    assert (summary.unchanged, summary.created) == (len(named), 0)
+
+
+def test_full_feed_delisting_too_large_a_share_is_refused(settings, catalog, server, tmp_path):
+    every = _seed(settings, catalog, server, tmp_path)
+    feed = write_csv(tmp_path / "two.csv", rows_for(catalog, server, every[:2]))
+    summary = ingest(feed, settings, full=True)  # would delist 3 of 5: 60% > 50%
+    assert summary.sync_refused and "3 of the 5" in summary.sync_refused
+    assert "FLICKD_MAX_DELIST_SHARE=0.5" in summary.sync_refused
+    assert _listed(settings) == set(every)
+    env = settings_env(settings)
+    out = run_flickd("ingest", str(feed), "--full", "--json", env=env, expect_ok=False)
+    assert out.returncode == 2 and "3 of the 5" in json.loads(out.stdout)["sync_refused"]
+    assert _listed(settings) == set(every)
+    out = run_flickd("ingest", str(feed), "--full", "--force", "--json", env=env)
+    assert json.loads(out.stdout)["products"]["delisted"] == 3
+    assert _listed(settings) == set(every[:2])
+
+
+def test_prices_in_other_formats(settings, catalog, server, tmp_path):
+    every = ids(catalog)[:5]
+    prices = {every[0]: "€1.234,50", every[1]: "12,99 EUR", every[2]: "$1,299.00"}
+    prices |= {every[3]: "free", every[4]: "ask in store"}
+    rows = rows_for(catalog, server, every, **{p: {"price": v} for p, v in prices.items()})
+    summary = ingest(write_csv(tmp_path / "prices.csv", rows), settings)
+    got = {pid: (p.price, p.currency) for pid, p in products(settings).items()}
+    assert got == {
+        every[0]: (1234.5, "EUR"),
+        every[1]: (12.99, "EUR"),
+        every[2]: (1299.0, "USD"),
+        every[3]: (0.0, None),
+        every[4]: (None, None),
+    }
+    # The unreadable price is a recorded, per-row outcome; the product and its images stay.
+    assert dict(summary.notes_by_reason) == {"unreadable_price": len(catalog.products[4].images)}
+    assert summary.invalid == 0 and summary.created == 5
+    with session_scope(settings) as session:
+        notes = session.execute(
+            select(RejectedRow.reason, RejectedRow.detail).where(
+                RejectedRow.run_id == summary.run_id
+            )
+        ).all()
+    assert {reason for reason, _ in notes} == {"unreadable_price"}
+    assert all("'ask in store' is not a price" in detail for _, detail in notes)
+    assert run_row(settings, summary.run_id).notes_by_reason == {
+        "unreadable_price": len(catalog.products[4].images)
+    }
+
+
+def test_full_csv_cut_inside_a_row_is_refused(settings, catalog, server, tmp_path):
+    """Cut inside a title: the row itself parses (the reader pads it), so the short last
+    line is what gives it away."""
+    every = _seed(settings, catalog, server, tmp_path)
+    text = write_csv(tmp_path / "whole.csv", rows_for(catalog, server, every[:2])).read_text()
+    line = text.splitlines()[-1]
+    cut = tmp_path / "cut.csv"
+    cut.write_text(text[: len(text) - len(line) - 1] + line[: line.index(",", 40) + 3])
+    summary = ingest(cut, settings, full=True)
+    assert summary.sync_refused and "fewer fields than the header" in summary.sync_refused
+    assert _listed(settings) == set(every)
+
+
+def test_two_full_feeds_of_one_catalog_at_once_never_mix(settings, catalog, server, tmp_path):
+    """Two `flickd ingest --full` processes of one catalog at once: one waits for the other,
+    and the catalog ends up exactly as the later feed says."""
+    import subprocess
+    import sys
+
+    import psycopg
+
+    from producer.sync import LOCK_NAMESPACE, _catalog_key
+    from tests.conftest import ROOT, wait_until
+
+    settings = settings.model_copy(update={"max_delist_share": 1.0})
+    full_shop = ["--full", "--catalog", "shop", "--json"]
+    every = ids(catalog)
+    feeds = {
+        "a": (every[:4], write_csv(tmp_path / "a.csv", rows_for(catalog, server, every[:4]))),
+        "b": (every[3:7], write_csv(tmp_path / "b.csv", rows_for(catalog, server, every[3:7]))),
+    }
+    env = settings_env(settings)
+
+    def running() -> int:
+        with session_scope(settings) as session:
+            return int(
+                session.scalar(
+                    select(func.count()).where(IngestRun.status == "running", IngestRun.full_feed)
+                )
+                or 0
+            )
+
+    # Hold the catalog's lock ourselves until both processes are waiting for it.
+    holder = psycopg.connect(settings.database_url.replace("+psycopg", ""), autocommit=True)
+    holder.execute(f"SELECT pg_advisory_lock({LOCK_NAMESPACE}, {_catalog_key('shop')})")
+    procs = {}
+    try:
+        for name, (_, path) in feeds.items():
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "flickd.cli", "ingest", str(path), *full_shop],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        wait_until(lambda: running() == 2, 60, "both full feeds to start and wait")
+        holder.execute(f"SELECT pg_advisory_unlock({LOCK_NAMESPACE}, {_catalog_key('shop')})")
+        results = {}
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, err[-2000:]
+            results[name] = json.loads(out)
+    finally:
+        holder.close()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert all(r["lock_wait_seconds"] > 0 for r in results.values())
+    with session_scope(settings) as session:
+        finished = dict(session.execute(select(IngestRun.id, IngestRun.enqueued_at)).tuples().all())
+    first, last = sorted(results, key=lambda name: finished[results[name]["run_id"]])
+    kept, earlier = set(feeds[last][0]), set(feeds[first][0])
+    shop = {pid: p for pid, p in products(settings).items() if p.catalog == "shop"}
+    assert {pid for pid, p in shop.items() if p.listed} == kept
+    assert {pid for pid, p in shop.items() if not p.listed} == earlier - kept
+    assert results[first]["products"]["delisted"] == 0
+    assert results[last]["products"]["delisted"] == len(earlier - kept)
+    assert results[last]["products"]["created"] == len(kept - earlier)
+    assert all(p.seen_run_id == results[last]["run_id"] for pid, p in shop.items() if p.listed)

@@ -57,6 +57,7 @@ from db.schema import (
 )
 from db.session import get_engine, session_scope
 from db.videos import fail_exhausted_jobs, take_stalled_jobs
+from flickd.core.blobstore import BlobStore
 from flickd.core.broker import (
     ANALYZE_TASK,
     DOWNLOAD_QUEUE,
@@ -70,7 +71,6 @@ from flickd.core.broker import (
     send,
     send_final_tasks,
 )
-from flickd.core.blobstore import BlobStore
 from flickd.core.settings import Settings
 
 log = logging.getLogger(__name__)

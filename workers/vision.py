@@ -320,7 +320,7 @@ def _write_once(
         # Siblings (same bytes) copy this analysis, and the images these replace leave
         # search, in this same commit (db/siblings.py, db/catalog.py).
         done = [item.image_id for item in good]
-        retire_for_images(conn, done + share_analysis(conn, done))
+        retire_for_images(conn, done + share_analysis(conn, done, now), now)
         record_failures(
             conn,
             ImageState.DOWNLOADED.value,
