@@ -190,26 +190,42 @@ def restore_named_images(conn: Connection, catalog: str, staged_images: Table) -
     )
 
 
-def retire_replaced(conn: Connection, product_ids: Any, now: datetime | None = None) -> int:
-    """Retire the superseded images of ``product_ids`` (ids, or a subquery of them) that now
-    have a current, analysed image: they leave search. Returns how many were retired.
+def retire_replaced(
+    conn: Connection, product_ids: Any, now: datetime | None = None, *, dropped: bool = False
+) -> int:
+    """Retire the superseded images of ``product_ids`` (ids, or a subquery of them) whose
+    replacement is analysed: they leave search. Returns how many were retired.
 
-    Called in the transaction that commits a new image's analysis (workers/vision.py), so the
-    old image leaves search exactly when the new one can be found. A superseded image whose
-    product has no analysed current image (the new one is pending, or failed for good) stays
+    A *replacement* of a superseded image is a current image of its product recorded since
+    it was superseded (``superseded_at`` is the start of the run whose feed named the new
+    URL). This runs in the transaction that commits a new image's analysis
+    (workers/vision.py), so the old image leaves search exactly when the new one can be
+    found. While the replacement is pending, or when it failed for good, the old image stays
     served: a product keeps the picture it had rather than none.
+
+    ``dropped`` (the end of a feed run): also retire superseded images that have no
+    replacement at all (the feed just dropped that picture) when the product has another
+    analysed current image to show.
     """
     images = Image.__table__
     current = aliased(Image)
-    has_current = (
-        select(literal(1))
-        .where(
-            current.product_id == images.c.product_id,
-            current.superseded_at.is_(None),
-            current.state == ImageState.ANALYZED.value,
+
+    def current_image(*conditions: Any) -> Any:
+        return (
+            select(literal(1))
+            .where(
+                current.product_id == images.c.product_id,
+                current.superseded_at.is_(None),
+                *conditions,
+            )
+            .exists()
         )
-        .exists()
-    )
+
+    since = current.created_at >= images.c.superseded_at
+    analysed = current.state == ImageState.ANALYZED.value
+    ready = current_image(since, analysed)
+    if dropped:
+        ready = ready | (~current_image(since) & current_image(analysed))
     ids = product_ids if not isinstance(product_ids, list | tuple | set) else list(product_ids)
     result = conn.execute(
         update(images)
@@ -217,7 +233,7 @@ def retire_replaced(conn: Connection, product_ids: Any, now: datetime | None = N
             images.c.product_id.in_(ids),
             images.c.superseded_at.is_not(None),
             images.c.retired_at.is_(None),
-            has_current,
+            ready,
         )
         .values(retired_at=now or utcnow())
     )
@@ -254,8 +270,9 @@ def finish_sync(
     """Apply the whole feed to the catalog (call inside one transaction, after every chunk):
 
     * every product the feed named gets ``seen_run_id = run_id``;
-    * a named product's images the feed no longer names are superseded (and retired at once
-      when the product already has an analysed current image);
+    * a named product's images the feed no longer names are superseded (``superseded_at`` is
+      ``started_at``, the run's start), and retired at once when the feed just dropped them
+      and the product has another analysed image (see :func:`retire_replaced`);
     * products a row asked to delist, and with ``full`` every listed product of the catalog
       the feed did not name, are delisted (``listed`` false, ``delisted_at`` and
       ``updated_at`` now) — unless ``refuse(outcome)`` returns a reason, in which case nothing
@@ -285,9 +302,9 @@ def finish_sync(
             images.c.superseded_at.is_(None),
             ~still_named,
         )
-        .values(superseded_at=now)
+        .values(superseded_at=started_at)  # the images recorded since are its replacements
     )
-    retire_replaced(conn, named_products, now)
+    retire_replaced(conn, named_products, now, dropped=True)
 
     asked = select(products.c.id).where(
         in_catalog, products.c.external_id.in_(select(RUN_DELIST.c.external_id))

@@ -227,3 +227,32 @@ def analyse_once(conn: Connection, image_ids: Sequence[int]) -> list[int]:
     for image_id in sorted(rest):
         leaders.setdefault(keys.get(image_id) or ("no blob", image_id), image_id)
     return sorted(leaders.values())
+
+
+def analysis_leaders(conn: Connection, image_ids: Sequence[int]) -> list[int]:
+    """Of just-downloaded ``image_ids``, those to send to analysis: all but the images whose
+    bytes a sibling of lower id is also waiting to have analysed. That sibling's analysing
+    commit copies its analysis to them (:func:`share_analysis`); an image whose sibling is
+    already analysed is sent, and copies the analysis when it is claimed."""
+    if not image_ids:
+        return []
+    images = Image.__table__
+    earlier = aliased(Image)
+    waiting_sibling = (
+        select(literal(1))
+        .where(
+            earlier.blob_key == images.c.blob_key,
+            earlier.id < images.c.id,
+            earlier.state == ImageState.DOWNLOADED.value,
+        )
+        .exists()
+    )
+    return sorted(
+        conn.scalars(
+            select(images.c.id).where(
+                id_in(conn, images.c.id, image_ids),
+                images.c.state == ImageState.DOWNLOADED.value,
+                ~waiting_sibling,
+            )
+        )
+    )

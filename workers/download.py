@@ -25,7 +25,7 @@ from sqlalchemy import Connection, bindparam, select
 from db.images import claim, record_failures, transition
 from db.schema import Image, ImageState, utcnow
 from db.session import retrying, session_scope
-from db.siblings import adopt_downloads, share_download
+from db.siblings import adopt_downloads, analysis_leaders, share_download
 from db.sql import id_in
 from flickd.core.blobstore import BlobStore
 from flickd.core.broker import ANALYZE_TASK
@@ -268,9 +268,12 @@ def download_stage(image_ids: list[int], settings: Settings) -> StageResult:
         rows = conn.execute(
             select(Image.id, Image.run_id, Image.state).where(id_in(conn, Image.id, image_ids))
         ).all()
+        downloaded = [row.id for row in rows if row.state == ImageState.DOWNLOADED.value]
+        # One analysis per distinct image: siblings copy it (db/siblings.py).
+        leaders = analysis_leaders(conn, downloaded) if settings.last_stage == "analyze" else []
     result = StageResult(run_ids={row.run_id for row in rows})
     if settings.last_stage == "analyze":
         result.next_task = ANALYZE_TASK
-        result.next_ids = [row.id for row in rows if row.state == ImageState.DOWNLOADED.value]
+        result.next_ids = leaders
         result.batch_size = settings.analyze_batch_size
     return result
