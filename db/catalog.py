@@ -34,6 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import aliased
 
 from db.schema import Crop, Image, ImageState, Product, VideoSearchJob, utcnow
+from db.versions import dialect_insert
 
 _run_meta = MetaData()
 # Products the feed named (delisting rows included), once each.
@@ -124,7 +125,7 @@ def classify_products(conn: Connection, catalog: str, staged: Table) -> ChunkCou
                 and_(products.c.catalog == catalog, products.c.external_id == s.external_id),
             )
         )
-        .where(~s.external_id.in_(select(RUN_PRODUCTS.c.external_id)))
+        .where(~exists().where(RUN_PRODUCTS.c.external_id == s.external_id))
     ).one()
     return ChunkCounts(*(int(v) for v in row))
 
@@ -133,59 +134,63 @@ def remember_chunk(conn: Connection, catalog: str, staged: Table, staged_images:
     """Add the chunk's products, (product, URL) pairs and delisting rows to the run's tables."""
     products = Product.__table__
     s = staged.c
+    insert = dialect_insert(conn)
     conn.execute(
-        RUN_PRODUCTS.insert().from_select(
-            ["external_id"],
-            select(s.external_id)
-            .distinct()
-            .where(~s.external_id.in_(select(RUN_PRODUCTS.c.external_id))),
-        )
+        insert(RUN_PRODUCTS)
+        .from_select(["external_id"], select(s.external_id).distinct().where(literal(True)))
+        .on_conflict_do_nothing(index_elements=["external_id"])
     )
     conn.execute(
-        RUN_DELIST.insert().from_select(
-            ["external_id"],
-            select(s.external_id)
-            .distinct()
-            .where(s.delist, ~s.external_id.in_(select(RUN_DELIST.c.external_id))),
-        )
+        insert(RUN_DELIST)
+        .from_select(["external_id"], select(s.external_id).distinct().where(s.delist))
+        .on_conflict_do_nothing(index_elements=["external_id"])
     )
     si = staged_images.c
     pairs = (
         select(products.c.id, si.url_hash)
         .distinct()
-        .select_from(
-            staged_images.join(
-                products,
-                and_(products.c.catalog == catalog, products.c.external_id == si.external_id),
-            )
-        )
+        .select_from(staged_images.join(products, _same_product(products, catalog, si)))
+        .where(literal(True))  # SQLite needs a WHERE to parse INSERT … SELECT … ON CONFLICT
     )
-    known = select(RUN_IMAGES.c.product_id, RUN_IMAGES.c.url_hash)
-    conn.execute(RUN_IMAGES.insert().from_select(["product_id", "url_hash"], pairs.except_(known)))
+    conn.execute(
+        insert(RUN_IMAGES)
+        .from_select(["product_id", "url_hash"], pairs)
+        .on_conflict_do_nothing(index_elements=["product_id", "url_hash"])
+    )
+
+
+def _same_product(products: Table, catalog: str, staged: Any) -> Any:
+    return and_(products.c.catalog == catalog, products.c.external_id == staged.external_id)
 
 
 def restore_named_images(conn: Connection, catalog: str, staged_images: Table) -> None:
     """Images the feed names again after they were superseded (or retired) are current again:
     their analysis is still there, so nothing is downloaded. A retired one returns to search,
-    so its product's change time moves (replicas poll it)."""
+    so its product's change time moves (replicas poll it). Driven from the chunk's rows (the
+    unique (product, URL) index), never by scanning the images table."""
     images, products = Image.__table__, Product.__table__
     si = staged_images.c
     named = (
-        select(literal(1))
+        select(images.c.id, images.c.product_id, images.c.retired_at)
         .select_from(staged_images)
+        .join(products, _same_product(products, catalog, si))
         .join(
-            products,
-            and_(products.c.catalog == catalog, products.c.external_id == si.external_id),
+            images,
+            and_(images.c.product_id == products.c.id, images.c.url_hash == si.url_hash),
         )
-        .where(products.c.id == images.c.product_id, si.url_hash == images.c.url_hash)
-        .exists()
+        .where(images.c.superseded_at.is_not(None))
     )
-    now = utcnow()
-    returning = select(images.c.product_id).where(images.c.retired_at.is_not(None), named)
-    conn.execute(update(products).where(products.c.id.in_(returning)).values(updated_at=now))
+    rows = conn.execute(named).all()
+    if not rows:
+        return
+    returning = sorted({row.product_id for row in rows if row.retired_at is not None})
+    if returning:
+        conn.execute(
+            update(products).where(products.c.id.in_(returning)).values(updated_at=utcnow())
+        )
     conn.execute(
         update(images)
-        .where(images.c.superseded_at.is_not(None), named)
+        .where(images.c.id.in_([row.id for row in rows]))
         .values(superseded_at=None, retired_at=None)
     )
 
@@ -280,6 +285,9 @@ def finish_sync(
     """
     products, images = Product.__table__, Image.__table__
     now = utcnow()
+    if conn.dialect.name == "postgresql":
+        for table in _run_meta.sorted_tables:  # temporary tables have no statistics
+            conn.exec_driver_sql(f"ANALYZE {table.name}")
     in_catalog = products.c.catalog == catalog
     conn.execute(
         update(products)
