@@ -14,7 +14,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     Column,
     Connection,
     MetaData,
@@ -44,12 +43,14 @@ RUN_PRODUCTS = Table(
     Column("external_id", String(512), primary_key=True),
     prefixes=["TEMPORARY"],
 )
-# (product, image URL) pairs the feed named: a product's other images are superseded.
+# (product, image URL) pairs the feed named: a product's other images are superseded. The
+# reader already dropped repeated pairs, so this is a plain heap (cheap appends per chunk),
+# indexed once at the run's end.
 RUN_IMAGES = Table(
     "flickd_run_images",
     _run_meta,
-    Column("product_id", BigInteger, primary_key=True),
-    Column("url_hash", String(32), primary_key=True),
+    Column("external_id", String(512)),
+    Column("url_hash", String(32)),
     prefixes=["TEMPORARY"],
 )
 # Products a row asked to delist (availability "discontinued", deleted = true …).
@@ -130,9 +131,8 @@ def classify_products(conn: Connection, catalog: str, staged: Table) -> ChunkCou
     return ChunkCounts(*(int(v) for v in row))
 
 
-def remember_chunk(conn: Connection, catalog: str, staged: Table, staged_images: Table) -> None:
+def remember_chunk(conn: Connection, staged: Table, staged_images: Table) -> None:
     """Add the chunk's products, (product, URL) pairs and delisting rows to the run's tables."""
-    products = Product.__table__
     s = staged.c
     insert = dialect_insert(conn)
     conn.execute(
@@ -146,16 +146,10 @@ def remember_chunk(conn: Connection, catalog: str, staged: Table, staged_images:
         .on_conflict_do_nothing(index_elements=["external_id"])
     )
     si = staged_images.c
-    pairs = (
-        select(products.c.id, si.url_hash)
-        .distinct()
-        .select_from(staged_images.join(products, _same_product(products, catalog, si)))
-        .where(literal(True))  # SQLite needs a WHERE to parse INSERT … SELECT … ON CONFLICT
-    )
     conn.execute(
-        insert(RUN_IMAGES)
-        .from_select(["product_id", "url_hash"], pairs)
-        .on_conflict_do_nothing(index_elements=["product_id", "url_hash"])
+        RUN_IMAGES.insert().from_select(
+            ["external_id", "url_hash"], select(si.external_id, si.url_hash)
+        )
     )
 
 
@@ -285,6 +279,9 @@ def finish_sync(
     """
     products, images = Product.__table__, Image.__table__
     now = utcnow()
+    conn.exec_driver_sql(
+        f"CREATE INDEX ix_{RUN_IMAGES.name} ON {RUN_IMAGES.name} (external_id, url_hash)"
+    )
     if conn.dialect.name == "postgresql":
         for table in _run_meta.sorted_tables:  # temporary tables have no statistics
             conn.exec_driver_sql(f"ANALYZE {table.name}")
@@ -294,16 +291,24 @@ def finish_sync(
         .where(in_catalog, products.c.external_id.in_(select(RUN_PRODUCTS.c.external_id)))
         .values(seen_run_id=run_id)
     )
-    named_products = select(RUN_IMAGES.c.product_id).distinct()
+    # A product this run created has no image the feed does not name: only older ones.
+    named_products = select(products.c.id).where(
+        in_catalog,
+        products.c.created_at < started_at,
+        products.c.external_id.in_(select(RUN_IMAGES.c.external_id).distinct()),
+    )
+    owner = aliased(Product)
     still_named = (
         select(literal(1))
+        .select_from(RUN_IMAGES)
+        .join(owner, owner.external_id == RUN_IMAGES.c.external_id)
         .where(
-            RUN_IMAGES.c.product_id == images.c.product_id,
+            owner.id == images.c.product_id,
             RUN_IMAGES.c.url_hash == images.c.url_hash,
         )
         .exists()
     )
-    conn.execute(
+    superseded = conn.execute(
         update(images)
         .where(
             images.c.product_id.in_(named_products),
@@ -311,8 +316,11 @@ def finish_sync(
             ~still_named,
         )
         .values(superseded_at=started_at)  # the images recorded since are its replacements
+        .returning(images.c.product_id)
     )
-    retire_replaced(conn, named_products, now, dropped=True)
+    changed = sorted(set(superseded.scalars()))
+    for start in range(0, len(changed), 5000):
+        retire_replaced(conn, changed[start : start + 5000], now, dropped=True)
 
     asked = select(products.c.id).where(
         in_catalog, products.c.external_id.in_(select(RUN_DELIST.c.external_id))

@@ -184,7 +184,17 @@ class RejectedRow(Base):
 
 class Product(Base):
     __tablename__ = "products"
-    __table_args__ = (UniqueConstraint("catalog", "external_id"),)
+    __table_args__ = (
+        UniqueConstraint("catalog", "external_id"),
+        # The reconciler purges products delisted longer than the grace period. Partial: the
+        # listed products (nearly all) are not in it, and their inserts never touch it.
+        Index(
+            "ix_products_delisted_at",
+            "delisted_at",
+            postgresql_where=text("delisted_at IS NOT NULL"),
+            sqlite_where=text("delisted_at IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     catalog: Mapped[str] = mapped_column(String(200), default="default")
@@ -197,8 +207,7 @@ class Product(Base):
     # Listing state, kept by catalog sync: a delisted product leaves search at once; its rows
     # stay for FLICKD_DELIST_GRACE_SECONDS (a return relists it without a download), then go.
     listed: Mapped[bool] = mapped_column(Boolean, default=True, server_default="1")
-    # Indexed: the reconciler purges products delisted longer than the grace period.
-    delisted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    delisted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     in_stock: Mapped[bool | None] = mapped_column(Boolean)  # None: the feed does not say
     currency: Mapped[str | None] = mapped_column(String(3))  # ISO 4217 of ``price``
     seen_run_id: Mapped[int | None] = mapped_column(Id)  # the last run whose feed had it
@@ -218,6 +227,22 @@ class Image(Base):
         Index("ix_images_run_state", "run_id", "state"),
         # The reconciler's question, "which pending images stalled?": a partial index holds
         # only the images still waiting, so it stays small however large the catalog grows.
+        # Stored images by URL and by blob: a sibling (the same URL under another product)
+        # takes the bytes or the analysis instead of redoing them, and a purge deletes a blob
+        # only when nothing else uses it. Partial, so the producer's inserts (no blob yet)
+        # never touch them.
+        Index(
+            "ix_images_stored_url_hash",
+            "url_hash",
+            postgresql_where=text("blob_key IS NOT NULL"),
+            sqlite_where=text("blob_key IS NOT NULL"),
+        ),
+        Index(
+            "ix_images_blob_key",
+            "blob_key",
+            postgresql_where=text("blob_key IS NOT NULL"),
+            sqlite_where=text("blob_key IS NOT NULL"),
+        ),
         Index(
             "ix_images_pending_progress",
             "state",
@@ -230,8 +255,7 @@ class Image(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     product_id: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
     url: Mapped[str] = mapped_column(Text)
-    # Indexed: the same URL under several products is fetched and analysed once (siblings).
-    url_hash: Mapped[str] = mapped_column(String(32), index=True)
+    url_hash: Mapped[str] = mapped_column(String(32))
     # The run that last enqueued the image. No foreign key on purpose: the check would run once
     # per inserted row (a quarter of the producer's insert time) and runs are never deleted.
     run_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
@@ -246,8 +270,7 @@ class Image(Base):
     stage_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)  # why the last attempt did not finish
     content_hash: Mapped[str | None] = mapped_column(String(64))
-    # Indexed: a purge deletes a blob only when no other image (or crop) still uses it.
-    blob_key: Mapped[str | None] = mapped_column(String(80), index=True)
+    blob_key: Mapped[str | None] = mapped_column(String(80))
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -2,8 +2,9 @@
 
 An image row stays per (product, URL), so each product keeps its own state, crops and search
 hits. Images with the same ``url_hash`` are *siblings*: once one of them has the bytes, the
-others take its blob instead of fetching (:func:`adopt_downloads`, and :func:`share_download`
-in the commit that stores them); once one is analysed, the others with the same bytes copy its
+others take its blob instead of fetching (:func:`adopt_downloads`, when their batch is
+claimed; the producer sends a chunk's siblings in one batch, which fetches each URL once);
+once one is analysed, the others with the same bytes copy its
 crops and embeddings instead of running the models (:func:`adopt_analysis`, in the analysing
 commit and at the claim of a later batch).
 
@@ -75,25 +76,6 @@ def adopt_downloads(conn: Connection, image_ids: Sequence[int]) -> list[int]:
         .returning(images.c.id)
     )
     return sorted(adopted.scalars())
-
-
-def share_download(conn: Connection, image_ids: Sequence[int]) -> list[int]:
-    """Queued siblings of the just-downloaded ``image_ids`` take their blobs (same commit);
-    returns the siblings' ids."""
-    if not image_ids:
-        return []
-    images = Image.__table__
-    hashes = select(images.c.url_hash).where(
-        id_in(conn, images.c.id, image_ids), images.c.state == ImageState.DOWNLOADED.value
-    )
-    waiting = list(
-        conn.scalars(
-            select(images.c.id).where(
-                images.c.url_hash.in_(hashes), images.c.state == ImageState.QUEUED.value
-            )
-        )
-    )
-    return adopt_downloads(conn, waiting)
 
 
 def adopt_analysis(

@@ -347,7 +347,7 @@ def record_chunk(
     # Siblings (one URL under several products) side by side, so they share a batch and its
     # one fetch (workers/download.py).
     new_ids = [row.id for row in sorted(conn.execute(stmt), key=lambda r: (r.url_hash, r.id))]
-    remember_chunk(conn, catalog, STAGE_PRODUCTS, STAGE_IMAGES)
+    remember_chunk(conn, STAGE_PRODUCTS, STAGE_IMAGES)
     return new_ids, counts
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import Connection, bindparam, select
 from db.images import claim, record_failures, transition
 from db.schema import Image, ImageState, utcnow
 from db.session import retrying, session_scope
-from db.siblings import adopt_downloads, analysis_leaders, share_download
+from db.siblings import adopt_downloads, analysis_leaders
 from db.sql import id_in
 from flickd.core.blobstore import BlobStore
 from flickd.core.broker import ANALYZE_TASK
@@ -191,7 +191,6 @@ def record_outcomes(outcomes: list[DownloadOutcome], settings: Settings) -> None
             ImageState.QUEUED.value,
             [(o.image_id, o.reason.value, o.detail, o.attempts) for o in bad if o.reason],
         )
-        share_download(conn, [o.image_id for o in ok])  # queued siblings take the bytes too
 
     retrying(step)
 

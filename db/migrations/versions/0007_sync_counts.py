@@ -32,16 +32,27 @@ def upgrade() -> None:
             batch.add_column(sa.Column(name, sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("notes_by_reason", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("sync_refused", sa.Text(), nullable=True))
-    op.create_index("ix_products_delisted_at", "products", ["delisted_at"])
-    op.create_index("ix_images_url_hash", "images", ["url_hash"])
-    op.create_index("ix_images_blob_key", "images", ["blob_key"])
+    delisted = sa.text("delisted_at IS NOT NULL")
+    op.create_index(
+        "ix_products_delisted_at",
+        "products",
+        ["delisted_at"],
+        postgresql_where=delisted,
+        sqlite_where=delisted,
+    )
+    stored = sa.text("blob_key IS NOT NULL")
+    for name, column in (
+        ("ix_images_stored_url_hash", "url_hash"),
+        ("ix_images_blob_key", "blob_key"),
+    ):
+        op.create_index(name, "images", [column], postgresql_where=stored, sqlite_where=stored)
     op.create_index("ix_crops_blob_key", "crops", ["blob_key"])
 
 
 def downgrade() -> None:
     op.drop_index("ix_crops_blob_key", table_name="crops")
     op.drop_index("ix_images_blob_key", table_name="images")
-    op.drop_index("ix_images_url_hash", table_name="images")
+    op.drop_index("ix_images_stored_url_hash", table_name="images")
     op.drop_index("ix_products_delisted_at", table_name="products")
     with op.batch_alter_table("ingest_runs") as batch:
         batch.drop_column("sync_refused")
