@@ -233,6 +233,8 @@ def test_delta_feed_never_delists_but_honours_availability(settings, catalog, se
     assert not after[every[1]].listed and after[every[1]].delisted_at is not None
     assert after[every[2]].in_stock is True
     assert after[every[3]].listed  # missing from a delta: untouched
+    shown = run_flickd("show", every[0], env=settings_env(settings)).stdout
+    assert "listed; out of stock" in shown
     # A `deleted` column delists too, and an unknown value is a note, not a delisting.
     rows = rows_for(
         catalog,
@@ -427,3 +429,44 @@ def test_two_full_feeds_of_one_catalog_at_once_never_mix(settings, catalog, serv
     assert results[last]["products"]["delisted"] == len(earlier - kept)
     assert results[last]["products"]["created"] == len(kept - earlier)
     assert all(p.seen_run_id == results[last]["run_id"] for pid, p in shop.items() if p.listed)
+
+
+def test_embedded_sqlite_full_feeds_and_purge(embedded_settings, catalog, server, tmp_path):
+    """The same sync on the embedded default (SQLite, tasks in-process)."""
+    settings = embedded_settings.model_copy(update={"max_delist_share": 0.5})
+    every = ids(catalog)[:4]
+    first = ingest(write_csv(tmp_path / "a.csv", rows_for(catalog, server, every)), settings)
+    assert first.status == "done" and first.created == 4
+    hits = image_hits(catalog, server)
+    rows = rows_for(
+        catalog, server, every[1:], **{every[1]: {"price": "12,99 EUR", "availability": "sold out"}}
+    )
+    second = ingest(write_csv(tmp_path / "b.csv", rows), settings, full=True)
+    assert (second.created, second.updated, second.unchanged, second.delisted) == (0, 1, 2, 1)
+    assert image_hits(catalog, server) == hits
+    after = products(settings)
+    assert not after[every[0]].listed
+    assert (after[every[1]].price, after[every[1]].currency, after[every[1]].in_stock) == (
+        12.99,
+        "EUR",
+        False,
+    )
+    back = ingest(write_csv(tmp_path / "c.csv", rows_for(catalog, server, every)), settings)
+    assert back.relisted == 1 and back.enqueued == 0 and products(settings)[every[0]].listed
+    ingest(write_csv(tmp_path / "d.csv", rows_for(catalog, server, every[1:])), settings, full=True)
+    blobs = BlobStore.for_settings(settings)
+    with session_scope(settings) as session:
+        keys = list(
+            session.scalars(
+                select(Image.blob_key).join(Product).where(Product.external_id == every[0])
+            )
+        )
+        session.execute(
+            update(Product)
+            .where(Product.external_id == every[0])
+            .values(delisted_at=utcnow() - timedelta(days=8))
+        )
+    assert keys and all(blobs.exists(k) for k in keys)
+    report = reconcile_once(settings)  # the default grace: 7 days
+    assert report.products_purged == 1 and every[0] not in products(settings)
+    assert not any(blobs.exists(k) for k in keys)
