@@ -175,6 +175,8 @@ def test_second_full_feed_removes_changes_and_adds(settings, catalog, server, tm
         assert count == hits_before[name] + (1 if name in added_files else 0), name
     assert {i.state for i in images(settings)} == {"downloaded"}
 
+    status = run_flickd("status", str(day2["run_id"]), env=env).stdout
+    assert "products (full): created 1, updated 1, unchanged 4, delisted 1, relisted 0" in status
     shown = run_flickd("show", removed, env=env).stdout
     assert "DELISTED since" in shown
     details = json.loads(run_flickd("show", removed, "--json", env=env).stdout)
