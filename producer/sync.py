@@ -6,8 +6,10 @@ the products of its catalog it does not name are delisted (db/catalog.py ``finis
 delisting is refused, with the reason recorded on the run and nothing delisted, when
 
 * the feed could not be read to its end (a reader error mid-file: a cut gzip or zstd stream, a
-  damaged Parquet page or XLSX sheet), or it *looks cut*: its last row is malformed and the
-  file does not end with a line break (a CSV or JSON Lines export that stopped mid-row);
+  damaged Parquet page or XLSX sheet), or it *looks cut*: the file does not end with a line
+  break and its last row was rejected or has fewer fields than the header (a CSV or JSON
+  Lines export that stopped mid-row; one cut exactly at a line end cannot be told from a
+  shorter feed, which the share guard below catches);
 * it names no product at all (a header-only export);
 * it would delist more than ``FLICKD_MAX_DELIST_SHARE`` of the catalog's listed products
   (default 0.2: a healthy daily feed delists a few percent; a broken export loses half of
