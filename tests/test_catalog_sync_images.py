@@ -6,17 +6,19 @@ once; delisted products are purged after the grace period, their blobs only when
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from db.schema import Crop, Embedding, Image, Product
+from db.schema import Crop, Embedding, Image, Product, utcnow
 from db.session import session_scope
 from flickd.core.blobstore import BlobStore
+from flickd.core.broker import queue_lengths
 from flickd.core.settings import Settings
 from producer.ingest import ingest
-from tests.conftest import catalog_fixture, celery_worker, wait_for_run
+from tests.conftest import catalog_fixture, celery_worker, wait_for_run, wait_until
 from tests.models_fixtures import tiny_models
 from tests.test_catalog_sync import ids, products, rows_for, write_csv
 from workers.reconcile import reconcile_once
@@ -205,3 +207,46 @@ def test_purge_after_grace_keeps_blobs_still_shared(settings, catalog, server, t
     assert report.blobs_deleted == len({own_blob} | (own_crop_blobs - shared_crop_blobs))
     (survivor,) = images_of(settings, keeper)
     assert survivor.state == "analyzed" and crops_of(settings, survivor.id)
+
+
+def test_a_stranded_sibling_is_redriven_and_analysed_on_its_own(
+    settings, catalog, server, tmp_path
+):
+    """A sibling waits for the analysis of the image of lowest id with the same bytes; when
+    that one fails instead, the sibling is stranded, and the reconciler re-drives it like any
+    stalled image: it is analysed on its own."""
+    settings = settings.model_copy(update={"lease_seconds": 5})
+    url = server.image_url(catalog.products[2].images[0].filename)
+    first, second = ids(catalog)[:2]
+    rows = [{"product_id": first, "image_url": url}, {"product_id": second, "image_url": url}]
+    before = server.hits(url)
+    with celery_worker(settings, queues="download", concurrency=1):
+        run = ingest(write_csv(tmp_path / "a.csv", rows), settings)
+
+        def handed_on() -> bool:
+            return queue_lengths(settings)[0]["gpu"] == 1
+
+        wait_until(handed_on, 60, "the download to hand one image (not two) to analysis")
+    (leader,), (follower,) = images_of(settings, first), images_of(settings, second)
+    assert leader.id < follower.id and leader.blob_key == follower.blob_key
+    assert {leader.state, follower.state} == {"downloaded"}
+    assert server.hits(url) == before + 1
+    # The leader's analysis fails (as a broken model would make it), before any gpu worker.
+    with session_scope(settings) as session:
+        session.execute(
+            update(Image)
+            .where(Image.id == leader.id)
+            .values(state="failed", failure_reason="analysis_error", failure_detail="test")
+        )
+        session.execute(
+            update(Image)
+            .where(Image.id == follower.id)
+            .values(updated_at=utcnow() - timedelta(hours=1))
+        )
+    report = reconcile_once(settings)
+    assert report.requeued["analyze"] == 1
+    with celery_worker(settings, queues="gpu", concurrency=1):
+        assert wait_for_run(settings, run.run_id, timeout=120) == "done"
+    (follower,) = images_of(settings, second)
+    assert follower.state == "analyzed" and crops_of(settings, follower.id)
+    assert embeddings_of(settings, follower.id)
