@@ -265,6 +265,7 @@ def finish_sync(
     full: bool,
     started_at: datetime,
     refuse: Any = None,
+    bulk: bool = False,
 ) -> SyncOutcome:
     """Apply the whole feed to the catalog (call inside one transaction, after every chunk):
 
@@ -276,6 +277,8 @@ def finish_sync(
       the feed did not name, are delisted (``listed`` false, ``delisted_at`` and
       ``updated_at`` now) — unless ``refuse(outcome)`` returns a reason, in which case nothing
       is delisted and the reason is returned in the outcome.
+
+    ``bulk``: the run added many rows, so the catalog's statistics are refreshed first.
     """
     products, images = Product.__table__, Image.__table__
     now = utcnow()
@@ -283,38 +286,48 @@ def finish_sync(
         f"CREATE INDEX ix_{RUN_IMAGES.name} ON {RUN_IMAGES.name} (external_id, url_hash)"
     )
     if conn.dialect.name == "postgresql":
-        for table in _run_meta.sorted_tables:  # temporary tables have no statistics
-            conn.exec_driver_sql(f"ANALYZE {table.name}")
+        tables = [t.name for t in _run_meta.sorted_tables]  # temporary: no statistics
+        if bulk:
+            # A bulk load leaves the planner believing the catalog is as small as it was;
+            # it would then join it by nested loops, quadratically. ANALYZE samples a
+            # bounded number of rows whatever the table's size.
+            tables += [Product.__tablename__, Image.__tablename__]
+        for name in tables:
+            conn.exec_driver_sql(f"ANALYZE {name}")
     in_catalog = products.c.catalog == catalog
-    conn.execute(
+    conn.execute(  # created and changed products were marked as they were written
         update(products)
-        .where(in_catalog, products.c.external_id.in_(select(RUN_PRODUCTS.c.external_id)))
+        .where(
+            in_catalog,
+            products.c.external_id.in_(select(RUN_PRODUCTS.c.external_id)),
+            products.c.seen_run_id.is_distinct_from(run_id),
+        )
         .values(seen_run_id=run_id)
     )
-    # A product this run created has no image the feed does not name: only older ones.
-    named_products = select(products.c.id).where(
-        in_catalog,
-        products.c.created_at < started_at,
-        products.c.external_id.in_(select(RUN_IMAGES.c.external_id).distinct()),
-    )
+    # Images of products the feed named (a product this run created has no image the feed
+    # does not name: only older ones) that the feed did not name: one anti-join.
     owner = aliased(Product)
-    still_named = (
-        select(literal(1))
-        .select_from(RUN_IMAGES)
-        .join(owner, owner.external_id == RUN_IMAGES.c.external_id)
-        .where(
-            owner.id == images.c.product_id,
-            RUN_IMAGES.c.url_hash == images.c.url_hash,
+    named = select(RUN_IMAGES.c.external_id).distinct().subquery()
+    pair = aliased(RUN_IMAGES)
+    unnamed = (
+        select(images.c.id)
+        .select_from(images)
+        .join(owner, owner.id == images.c.product_id)
+        .join(named, named.c.external_id == owner.external_id)
+        .outerjoin(
+            pair,
+            and_(pair.c.external_id == owner.external_id, pair.c.url_hash == images.c.url_hash),
         )
-        .exists()
+        .where(
+            owner.catalog == catalog,
+            owner.created_at < started_at,
+            images.c.superseded_at.is_(None),
+            pair.c.external_id.is_(None),
+        )
     )
     superseded = conn.execute(
         update(images)
-        .where(
-            images.c.product_id.in_(named_products),
-            images.c.superseded_at.is_(None),
-            ~still_named,
-        )
+        .where(images.c.id.in_(unnamed))
         .values(superseded_at=started_at)  # the images recorded since are its replacements
         .returning(images.c.product_id)
     )

@@ -70,6 +70,10 @@ from producer.sync import catalog_lock, delisting_guard, looks_cut
 
 log = logging.getLogger(__name__)
 
+# A run that adds this many products and images refreshes the planner's statistics before it
+# applies the feed to the catalog (db/catalog.py finish_sync).
+BULK_ROWS = 10_000
+
 _stage_meta = MetaData()
 STAGE_PRODUCTS = Table(
     "flickd_stage_products",
@@ -283,11 +287,21 @@ def record_chunk(
         *(staged[name] for name in fields),
         attributes,
         literal(True),
+        literal(run_id),
         literal(now),
         literal(now),
     ).where(~staged.delist)
     stmt = insert_for(products).from_select(
-        ["catalog", "external_id", *fields, "attributes", "listed", "created_at", "updated_at"],
+        [
+            "catalog",
+            "external_id",
+            *fields,
+            "attributes",
+            "listed",
+            "seen_run_id",
+            "created_at",
+            "updated_at",
+        ],
         product_rows,
     )
     # Only a product that changed (or returns) is written: replicas poll updated_at, and
@@ -301,6 +315,7 @@ def record_chunk(
                 "attributes": stmt.excluded.attributes,
                 "listed": True,
                 "delisted_at": None,
+                "seen_run_id": run_id,  # the run's end marks the unchanged ones
                 "updated_at": now,
             },
             where=changed,
@@ -342,11 +357,14 @@ def record_chunk(
             image_rows,
         )
         .on_conflict_do_nothing(index_elements=["product_id", "url_hash"])
-        .returning(images_table.c.id, images_table.c.url_hash)
     )
-    # Siblings (one URL under several products) side by side, so they share a batch and its
-    # one fetch (workers/download.py).
-    new_ids = [row.id for row in sorted(conn.execute(stmt), key=lambda r: (r.url_hash, r.id))]
+    if listed_images["url"].duplicated().any():
+        # Siblings (one URL under several products) side by side, so that they share a
+        # batch and its one fetch (workers/download.py).
+        rows = conn.execute(stmt.returning(images_table.c.id, images_table.c.url_hash))
+        new_ids = [row.id for row in sorted(rows, key=lambda r: (r.url_hash, r.id))]
+    else:
+        new_ids = sorted(conn.execute(stmt.returning(images_table.c.id)).scalars())
     remember_chunk(conn, STAGE_PRODUCTS, STAGE_IMAGES)
     return new_ids, counts
 
@@ -471,6 +489,7 @@ def ingest(
                         full=full,
                         started_at=started_at,
                         refuse=guard if full else None,
+                        bulk=summary.created + summary.enqueued >= BULK_ROWS,
                     )
             _sync_outcome(summary, outcome)
             _stage_meta.drop_all(conn)
