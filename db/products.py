@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -27,12 +28,19 @@ def product_details(
         "brand": product.brand,
         "category": product.category,
         "price": product.price,
+        "currency": product.currency,
         "attributes": product.attributes,
+        "listed": product.listed,
+        "delisted_at": _iso(product.delisted_at),
+        "in_stock": product.in_stock,
+        "updated_at": _iso(product.updated_at),
         "images": [
             {
                 "image_id": image.id,
                 "url": image.url,
                 "state": image.state,
+                "superseded_at": _iso(image.superseded_at),
+                "retired_at": _iso(image.retired_at),
                 "failure_reason": image.failure_reason,
                 "failure_detail": image.failure_detail,
                 "width": image.width,
@@ -58,3 +66,7 @@ def product_details(
             for image in sorted(product.images, key=lambda i: i.id)
         ],
     }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None

@@ -144,6 +144,11 @@ class RunProgress:
     stuck_by_state: dict[str, int] = field(default_factory=dict)
     finalize_status: str | None = None
     error: str | None = None
+    # Catalog sync: full or delta, products created/updated/unchanged/delisted/relisted, and
+    # why a full feed's delisting was refused.
+    full_feed: bool = False
+    products: dict[str, int] = field(default_factory=dict)
+    sync_refused: str | None = None
 
     @property
     def images_total(self) -> int:
@@ -205,6 +210,12 @@ def run_progress(
         stuck_by_state=_stuck(session, run_id, lease_seconds),
         finalize_status=run.finalize_status,
         error=run.error,
+        full_feed=run.full_feed,
+        products={
+            name: getattr(run, f"products_{name}")
+            for name in ("created", "updated", "unchanged", "delisted", "relisted")
+        },
+        sync_refused=run.sync_refused,
     )
 
 

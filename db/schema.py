@@ -153,6 +153,20 @@ class IngestRun(Base):
     finalize_status: Mapped[str | None] = mapped_column(String(32))
     finalize_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Catalog sync: a full feed is the whole catalog (products missing from it are delisted),
+    # a delta only adds and updates. What the run did to the catalog's products:
+    full_feed: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    products_created: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    products_updated: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    products_unchanged: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    products_delisted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    products_relisted: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Rows accepted with a value left out (unreadable_price, unknown_availability): reason ->
+    # rows; the rows themselves are in rejected_rows under those reasons.
+    notes_by_reason: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Why a full feed's delisting was refused (empty, cut short, too large a share): nothing
+    # was delisted; its rows were recorded as a delta.
+    sync_refused: Mapped[str | None] = mapped_column(Text)
 
 
 class RejectedRow(Base):
@@ -170,7 +184,17 @@ class RejectedRow(Base):
 
 class Product(Base):
     __tablename__ = "products"
-    __table_args__ = (UniqueConstraint("catalog", "external_id"),)
+    __table_args__ = (
+        UniqueConstraint("catalog", "external_id"),
+        # The reconciler purges products delisted longer than the grace period. Partial: the
+        # listed products (nearly all) are not in it, and their inserts never touch it.
+        Index(
+            "ix_products_delisted_at",
+            "delisted_at",
+            postgresql_where=text("delisted_at IS NOT NULL"),
+            sqlite_where=text("delisted_at IS NOT NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     catalog: Mapped[str] = mapped_column(String(200), default="default")
@@ -203,6 +227,22 @@ class Image(Base):
         Index("ix_images_run_state", "run_id", "state"),
         # The reconciler's question, "which pending images stalled?": a partial index holds
         # only the images still waiting, so it stays small however large the catalog grows.
+        # Stored images by URL and by blob: a sibling (the same URL under another product)
+        # takes the bytes or the analysis instead of redoing them, and a purge deletes a blob
+        # only when nothing else uses it. Partial, so the producer's inserts (no blob yet)
+        # never touch them.
+        Index(
+            "ix_images_stored_url_hash",
+            "url_hash",
+            postgresql_where=text("blob_key IS NOT NULL"),
+            sqlite_where=text("blob_key IS NOT NULL"),
+        ),
+        Index(
+            "ix_images_blob_key",
+            "blob_key",
+            postgresql_where=text("blob_key IS NOT NULL"),
+            sqlite_where=text("blob_key IS NOT NULL"),
+        ),
         Index(
             "ix_images_pending_progress",
             "state",
@@ -292,7 +332,7 @@ class Crop(Base):
     # Everyday colour word (models.colour.COLOUR_FAMILIES): "navy", "beige", "multicolour".
     colour_family: Mapped[str | None] = mapped_column(String(16), index=True)
     prompt: Mapped[str | None] = mapped_column(Text)
-    blob_key: Mapped[str | None] = mapped_column(String(80))
+    blob_key: Mapped[str | None] = mapped_column(String(80), index=True)
     detector_version: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

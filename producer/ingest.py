@@ -5,6 +5,13 @@ Postgres), then two set-based ``INSERT … SELECT … ON CONFLICT`` statements r
 images; ``RETURNING`` gives the ids of the images that are new, and only those are enqueued,
 in batches, after the chunk's transaction has committed. Ingesting the same feed twice
 therefore creates nothing and enqueues nothing the second time.
+
+Catalog sync: a product whose title, brand, category, price, currency, stock or attributes
+changed is updated in place (its ``updated_at`` moves; an unchanged one is not written at all),
+a delisted one that returns is relisted, and neither downloads anything. Once the whole feed is
+read, one transaction applies it to the catalog (db/catalog.py ``finish_sync``): seen marks,
+images the feed no longer names superseded, and the delisting — of rows that ask for it, and
+with ``full`` of every product the feed left out, under the guards of producer/sync.py.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 from sqlalchemy import (
+    Boolean,
     Column,
     Connection,
     Float,
@@ -39,6 +47,17 @@ from sqlalchemy import (
     update,
 )
 
+from db.catalog import (
+    ChunkCounts,
+    SyncOutcome,
+    classify_products,
+    create_run_tables,
+    drop_run_tables,
+    finish_sync,
+    product_changed,
+    remember_chunk,
+    restore_named_images,
+)
 from db.runs import close_runs, touch_run
 from db.schema import Image, ImageState, IngestRun, Product, RejectedRow, RunStatus, utcnow
 from db.session import get_engine, session_scope
@@ -47,8 +66,13 @@ from flickd.core.broker import BROKER_ERRORS, DOWNLOAD_TASK, enqueue, send_final
 from flickd.core.lease import heartbeat
 from flickd.core.settings import Settings
 from producer.feeds import FeedChunk, FeedColumns, FeedError, read_feed, url_hash
+from producer.sync import catalog_lock, delisting_guard, looks_cut
 
 log = logging.getLogger(__name__)
+
+# A run that adds this many products and images refreshes the planner's statistics before it
+# applies the feed to the catalog (db/catalog.py finish_sync).
+BULK_ROWS = 10_000
 
 _stage_meta = MetaData()
 STAGE_PRODUCTS = Table(
@@ -59,6 +83,9 @@ STAGE_PRODUCTS = Table(
     Column("brand", Text),
     Column("category", Text),
     Column("price", Float),
+    Column("currency", String(3)),
+    Column("in_stock", Boolean),
+    Column("delist", Boolean),  # the row asks for its product to be delisted
     Column("attributes", Text),  # JSON text; cast on the way in
     prefixes=["TEMPORARY"],
 )
@@ -92,6 +119,29 @@ class IngestSummary:
     # safe in the database and the reconciler sends them once the broker is back.
     not_sent: int = 0
     broker_error: str | None = None
+    # Catalog sync: what the run did to its catalog's products.
+    full: bool = False
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    delisted: int = 0
+    relisted: int = 0
+    notes_by_reason: Counter[str] = field(default_factory=Counter)
+    sync_refused: str | None = None  # why a full feed's delisting was refused
+    lock_wait_seconds: float = 0.0  # waiting for another full feed of the catalog
+    last_row: int = 0  # the highest source row number read
+    last_rejected: int | None = None  # the row number of the last rejected row
+
+    @property
+    def products_named(self) -> int:
+        """Products the feed named that stay listed (delisting rows not counted)."""
+        return self.created + self.updated + self.unchanged + self.relisted
+
+    def add(self, counts: ChunkCounts) -> None:
+        self.created += counts.created
+        self.updated += counts.updated
+        self.unchanged += counts.unchanged
+        self.relisted += counts.relisted
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,6 +161,17 @@ class IngestSummary:
             "not_sent": self.not_sent,
             "broker_error": self.broker_error,
             "error": self.error,
+            "full": self.full,
+            "products": {
+                "created": self.created,
+                "updated": self.updated,
+                "unchanged": self.unchanged,
+                "delisted": self.delisted,
+                "relisted": self.relisted,
+            },
+            "notes_by_reason": dict(self.notes_by_reason),
+            "sync_refused": self.sync_refused,
+            "lock_wait_seconds": round(self.lock_wait_seconds, 3),
         }
 
 
@@ -174,29 +235,43 @@ def _products_frame(images: pd.DataFrame) -> pd.DataFrame:
             "brand": first["brand"].to_numpy(),
             "category": first["category"].to_numpy(),
             "price": first["price"].astype("float64").to_numpy(),
+            "currency": first["currency"].to_numpy(),
+            "in_stock": first["in_stock"].to_numpy(),
+            "delist": first["delist"].astype(bool).to_numpy(),
             "attributes": attributes.to_numpy(),
         }
     )
 
 
-def record_chunk(conn: Connection, run_id: int, catalog: str, images: pd.DataFrame) -> list[int]:
-    """Record the chunk's products and images; return the ids of the images that are new."""
+def record_chunk(
+    conn: Connection, run_id: int, catalog: str, images: pd.DataFrame
+) -> tuple[list[int], ChunkCounts]:
+    """Record the chunk's products and images; return the ids of the images that are new and
+    how the chunk's products compared with the catalog (counted before they were written).
+
+    Products a row asks to delist are not written here (nor are their images): the run's end
+    delists them (db/catalog.py ``finish_sync``), so that a refused full feed delists nothing.
+    """
     if images.empty:
-        return []
+        return [], ChunkCounts()
     insert_for = dialect_insert(conn)
-    _stage(conn, STAGE_PRODUCTS, _products_frame(images))
+    products_frame = _products_frame(images)
+    delisting = set(products_frame["external_id"][products_frame["delist"]])
+    listed_images = images[~images["product_id"].isin(delisting)] if delisting else images
+    _stage(conn, STAGE_PRODUCTS, products_frame)
     _stage(
         conn,
         STAGE_IMAGES,
         pd.DataFrame(
             {
-                "external_id": images["product_id"].to_numpy(),
-                "url": images["url"].to_numpy(),
-                "url_hash": images["url"].map(url_hash).to_numpy(),
+                "external_id": listed_images["product_id"].to_numpy(),
+                "url": listed_images["url"].to_numpy(),
+                "url_hash": listed_images["url"].map(url_hash).to_numpy(),
             }
         ),
         analyze=True,
     )
+    counts = classify_products(conn, catalog, STAGE_PRODUCTS)
     now = utcnow()
     products = Product.__table__
     staged = STAGE_PRODUCTS.c
@@ -205,49 +280,48 @@ def record_chunk(conn: Connection, run_id: int, catalog: str, images: pd.DataFra
         if conn.dialect.name == "postgresql"
         else staged.attributes
     )
+    fields = ["title", "brand", "category", "price", "currency", "in_stock"]
     product_rows = select(
         literal(catalog),
         staged.external_id,
-        staged.title,
-        staged.brand,
-        staged.category,
-        staged.price,
+        *(staged[name] for name in fields),
         attributes,
+        literal(True),
+        literal(run_id),
         literal(now),
-    ).where(literal(True))  # SQLite needs a WHERE to parse INSERT … SELECT … ON CONFLICT
+        literal(now),
+    ).where(~staged.delist)
     stmt = insert_for(products).from_select(
         [
             "catalog",
             "external_id",
-            "title",
-            "brand",
-            "category",
-            "price",
+            *fields,
             "attributes",
+            "listed",
+            "seen_run_id",
             "created_at",
+            "updated_at",
         ],
         product_rows,
     )
-    # A feed may correct a product's metadata; rewriting unchanged rows would be wasted I/O.
-    changed = (
-        products.c.title.is_distinct_from(stmt.excluded.title)
-        | products.c.brand.is_distinct_from(stmt.excluded.brand)
-        | products.c.category.is_distinct_from(stmt.excluded.category)
-        | products.c.price.is_distinct_from(stmt.excluded.price)
-    )
+    # Only a product that changed (or returns) is written: replicas poll updated_at, and
+    # rewriting unchanged rows would be wasted I/O.
+    changed = product_changed(conn, products.c, stmt.excluded) | ~products.c.listed
     conn.execute(
         stmt.on_conflict_do_update(
             index_elements=["catalog", "external_id"],
             set_={
-                "title": stmt.excluded.title,
-                "brand": stmt.excluded.brand,
-                "category": stmt.excluded.category,
-                "price": stmt.excluded.price,
+                **{name: stmt.excluded[name] for name in fields},
                 "attributes": stmt.excluded.attributes,
+                "listed": True,
+                "delisted_at": None,
+                "seen_run_id": run_id,  # the run's end marks the unchanged ones
+                "updated_at": now,
             },
             where=changed,
         )
     )
+    restore_named_images(conn, catalog, STAGE_IMAGES)
     images_table = Image.__table__
     image_rows = (
         select(
@@ -283,13 +357,21 @@ def record_chunk(conn: Connection, run_id: int, catalog: str, images: pd.DataFra
             image_rows,
         )
         .on_conflict_do_nothing(index_elements=["product_id", "url_hash"])
-        .returning(images_table.c.id)
     )
-    return sorted(conn.execute(stmt).scalars())
+    if listed_images["url"].duplicated().any():
+        # Siblings (one URL under several products) side by side, so that they share a
+        # batch and its one fetch (workers/download.py).
+        rows = conn.execute(stmt.returning(images_table.c.id, images_table.c.url_hash))
+        new_ids = [row.id for row in sorted(rows, key=lambda r: (r.url_hash, r.id))]
+    else:
+        new_ids = sorted(conn.execute(stmt.returning(images_table.c.id)).scalars())
+    remember_chunk(conn, STAGE_PRODUCTS, STAGE_IMAGES)
+    return new_ids, counts
 
 
 def _record_rejected(conn: Connection, run_id: int, chunk: FeedChunk) -> None:
-    if not chunk.rejected:
+    """The chunk's rejected rows, and the notes on rows accepted with a value left out."""
+    if not chunk.rejected and not chunk.notes:
         return
     conn.execute(
         insert(RejectedRow.__table__),
@@ -301,7 +383,7 @@ def _record_rejected(conn: Connection, run_id: int, chunk: FeedChunk) -> None:
                 "detail": r.detail,
                 "raw": r.raw,
             }
-            for r in chunk.rejected
+            for r in (*chunk.rejected, *chunk.notes)
         ],
     )
 
@@ -319,6 +401,13 @@ def _save_summary(summary: IngestSummary, settings: Settings, **closing: Any) ->
         "already_known": summary.already_known,
         "enqueued": summary.enqueued,
         "error": summary.error,
+        "products_created": summary.created,
+        "products_updated": summary.updated,
+        "products_unchanged": summary.unchanged,
+        "products_delisted": summary.delisted,
+        "products_relisted": summary.relisted,
+        "notes_by_reason": dict(summary.notes_by_reason),
+        "sync_refused": summary.sync_refused,
     }
     run = IngestRun.__table__
     with session_scope(settings) as session:
@@ -335,10 +424,14 @@ def _save_summary(summary: IngestSummary, settings: Settings, **closing: Any) ->
         )
 
 
-def create_run(feed: str, catalog: str, settings: Settings) -> int:
+def create_run(feed: str, catalog: str, settings: Settings, full: bool = False) -> int:
     with session_scope(settings) as session:
         run = IngestRun(
-            feed=feed, catalog=catalog, status=RunStatus.RUNNING.value, updated_at=utcnow()
+            feed=feed,
+            catalog=catalog,
+            full_feed=full,
+            status=RunStatus.RUNNING.value,
+            updated_at=utcnow(),
         )
         session.add(run)
         session.flush()
@@ -352,44 +445,64 @@ def ingest(
     columns: FeedColumns | None = None,
     catalog: str = "default",
     fmt: str | None = None,
+    full: bool = False,
+    force: bool = False,
     on_progress: Callable[[IngestSummary, int], None] | None = None,
 ) -> IngestSummary:
     """Read ``feed``, record it, enqueue its new images. Returns once everything is enqueued
-    (in embedded mode the tasks have then already run)."""
+    (in embedded mode the tasks have then already run).
+
+    ``full``: the feed is the whole of ``catalog``; the products it does not name are delisted
+    once it is read to its end, unless producer/sync.py's guards refuse (``force`` overrides
+    them). Without it the feed is a delta: it adds and updates, and delists only the rows that
+    ask for it."""
     columns = columns or FeedColumns()
-    summary = IngestSummary(run_id=create_run(str(feed), catalog, settings), feed=str(feed))
+    started_at = utcnow()
+    summary = IngestSummary(
+        run_id=create_run(str(feed), catalog, settings, full), feed=str(feed), full=full
+    )
     engine = get_engine(settings)
     try:
         with engine.connect() as conn:
             _stage_meta.create_all(conn)
+            create_run_tables(conn)
             conn.commit()
-            chunks = _prefetched(
-                read_feed(
-                    feed,
-                    columns,
-                    chunk_rows=settings.feed_chunk_rows,
-                    fmt=fmt,
-                    max_url_length=settings.max_url_length,
+            with (
+                _heartbeat(summary.run_id, settings),
+                catalog_lock(conn, catalog, settings, enabled=full) as waited,
+            ):
+                summary.lock_wait_seconds = waited
+                _record_feed(conn, feed, columns, catalog, fmt, settings, summary, on_progress)
+                cut = looks_cut(feed, fmt, summary.last_row, summary.last_rejected)
+                guard = delisting_guard(
+                    catalog,
+                    settings,
+                    force=force,
+                    products_named=summary.products_named,
+                    cut=cut,
                 )
-            )
-            with _Sender(settings) as sender, _heartbeat(summary.run_id, settings):
-                for chunk in chunks:
-                    with conn.begin():
-                        new_ids = record_chunk(conn, summary.run_id, catalog, chunk.images)
-                        _record_rejected(conn, summary.run_id, chunk)
-                    _count(summary, chunk, len(new_ids))
-                    # Committed above: now the workers may see the rows.
-                    sender.send(new_ids)
-                    summary.enqueued += len(new_ids)
-                    if on_progress:
-                        on_progress(summary, chunk.rows_read)
-            summary.messages = sender.messages
-            summary.not_sent, summary.broker_error = sender.unsent, sender.broker_error
+                with conn.begin():
+                    outcome = finish_sync(
+                        conn,
+                        catalog,
+                        summary.run_id,
+                        full=full,
+                        started_at=started_at,
+                        refuse=guard if full else None,
+                        bulk=summary.created + summary.enqueued >= BULK_ROWS,
+                    )
+            _sync_outcome(summary, outcome)
             _stage_meta.drop_all(conn)
+            drop_run_tables(conn)
             conn.commit()
     except FeedError as error:
         summary.status = RunStatus.FAILED.value
         summary.error = str(error)
+        if full:
+            summary.sync_refused = (
+                "the feed could not be read to its end, so it is not the whole catalog: "
+                "nothing was delisted"
+            )
         _save_summary(summary, settings, status=summary.status, finished_at=utcnow())
         log.warning("feed rejected run_id=%s error=%s", summary.run_id, error)
         return summary
@@ -405,6 +518,52 @@ def ingest(
             summary.broker_error = summary.broker_error or f"{type(error).__name__}: {error}"
     log.info("ingest enqueued run_id=%s %s", summary.run_id, summary.to_dict())
     return summary
+
+
+def _record_feed(
+    conn: Connection,
+    feed: Path,
+    columns: FeedColumns,
+    catalog: str,
+    fmt: str | None,
+    settings: Settings,
+    summary: IngestSummary,
+    on_progress: Callable[[IngestSummary, int], None] | None,
+) -> None:
+    """Every chunk of the feed: recorded in its own transaction, its new images sent after."""
+    chunks = _prefetched(
+        read_feed(
+            feed,
+            columns,
+            chunk_rows=settings.feed_chunk_rows,
+            fmt=fmt,
+            max_url_length=settings.max_url_length,
+        )
+    )
+    sender = _Sender(settings)
+    try:
+        with sender:
+            for chunk in chunks:
+                with conn.begin():
+                    new_ids, counts = record_chunk(conn, summary.run_id, catalog, chunk.images)
+                    _record_rejected(conn, summary.run_id, chunk)
+                _count(summary, chunk, len(new_ids))
+                summary.add(counts)
+                # Committed above: now the workers may see the rows.
+                sender.send(new_ids)
+                summary.enqueued += len(new_ids)
+                if on_progress:
+                    on_progress(summary, chunk.rows_read)
+    finally:  # what was recorded was sent (or left to the reconciler), even after an error
+        summary.messages = sender.messages
+        summary.not_sent, summary.broker_error = sender.unsent, sender.broker_error
+
+
+def _sync_outcome(summary: IngestSummary, outcome: SyncOutcome) -> None:
+    summary.delisted = outcome.delisted
+    summary.sync_refused = outcome.refused
+    if outcome.refused:
+        log.warning("full feed refused run_id=%s reason=%s", summary.run_id, outcome.refused)
 
 
 def _heartbeat(run_id: int, settings: Settings) -> AbstractContextManager[None]:
@@ -505,3 +664,10 @@ def _count(summary: IngestSummary, chunk: FeedChunk, new_images: int) -> None:
     summary.invalid_by_reason.update(r.reason for r in chunk.rejected)
     summary.duplicates_in_feed += chunk.duplicates
     summary.already_known += len(chunk.images) - new_images
+    summary.notes_by_reason.update(r.reason for r in chunk.notes)
+    numbers = [r.row_number for r in (*chunk.rejected, *chunk.notes)]
+    if not chunk.images.empty:
+        numbers.append(int(chunk.images["row_number"].max()))
+    summary.last_row = max([summary.last_row, *numbers])
+    if chunk.rejected:
+        summary.last_rejected = max(r.row_number for r in chunk.rejected)

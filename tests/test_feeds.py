@@ -54,6 +54,10 @@ class Feed:
         return [r for c in self.chunks for r in c.rejected]
 
     @property
+    def notes(self) -> list[RejectedRow]:
+        return [r for c in self.chunks for r in c.notes]
+
+    @property
     def rows_read(self) -> int:
         return sum(c.rows_read for c in self.chunks)
 
@@ -610,29 +614,77 @@ def test_url_hash_is_stable_hex() -> None:
 
 
 @pytest.mark.parametrize(
-    ("price", "expected"),
+    ("price", "expected", "currency"),
     [
-        ("19.99", 19.99),
-        ("19", 19.0),
-        (".5", 0.5),
-        ("19.99 USD", 19.99),
-        ("EUR 5", 5.0),
-        ("$1,299.00", 1299.0),
-        ("1,299", 1299.0),
-        ("12,50 €", 12.5),
-        ("1.299,00", 1299.0),
-        ("", math.nan),
-        ("free", math.nan),
-        ("-5", math.nan),
-        ("1e999", math.nan),
-        ("12abc34", math.nan),
+        ("19.99", 19.99, None),
+        ("19", 19.0, None),
+        (".5", 0.5, None),
+        ("19.99 USD", 19.99, "USD"),
+        ("EUR 5", 5.0, "EUR"),
+        ("$1,299.00", 1299.0, "USD"),
+        ("1,299", 1299.0, None),
+        ("12,50 €", 12.5, "EUR"),
+        ("1.299,00", 1299.0, None),
+        ("€1.234,50", 1234.5, "EUR"),
+        ("12,99 EUR", 12.99, "EUR"),
+        ("1 299,00 €", 1299.0, "EUR"),
+        ("1'299.00 CHF", 1299.0, "CHF"),
+        ("£7", 7.0, "GBP"),
+        ("US$ 10", 10.0, "USD"),
+        ("free", 0.0, None),
+        ("FREE", 0.0, None),
+        ("", math.nan, None),
     ],
 )
-def test_price_parsing(tmp_path: Path, price: str, expected: float) -> None:
+def test_price_parsing(tmp_path: Path, price: str, expected: float, currency: str | None) -> None:
     feed = read_csv_text(tmp_path, HEADER + f'1,https://a.com/1.jpg,t,b,c,"{price}"\n')
-    assert feed.rejected == []  # a bad price is not a reason to drop the image
+    assert feed.rejected == [] and feed.notes == []
     got = feed.images["price"][0]
     assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected)
+    assert feed.images["currency"][0] == currency
+
+
+@pytest.mark.parametrize("price", ["-5", "1e999", "12abc34", "call us", "12 abc", "1.2.3"])
+def test_unreadable_price_keeps_the_row_with_a_note(tmp_path: Path, price: str) -> None:
+    feed = read_csv_text(tmp_path, HEADER + f'1,https://a.com/1.jpg,t,b,c,"{price}"\n')
+    assert feed.rejected == []  # a bad price is not a reason to drop the image
+    assert math.isnan(feed.images["price"][0])
+    (note,) = feed.notes
+    assert (note.row_number, note.reason) == (1, RejectReason.UNREADABLE_PRICE)
+    assert repr(price) in note.detail and "kept without a price" in note.detail
+
+
+def test_currency_column_applies_when_the_price_names_none(tmp_path: Path) -> None:
+    feed = read_csv_text(
+        tmp_path,
+        "product_id,image_url,price,currency\n"
+        "1,https://a.com/1.jpg,9.5,eur\n"
+        "2,https://a.com/2.jpg,£3,EUR\n"  # the price's own symbol wins
+        "3,https://a.com/3.jpg,4,euros\n",  # not a code: none
+    )
+    assert list(feed.images["currency"]) == ["EUR", "GBP", None]
+    assert "currency" not in (feed.images["extra"][0] or {})
+
+
+def test_availability_and_deleted_columns(tmp_path: Path) -> None:
+    feed = read_csv_text(
+        tmp_path,
+        "product_id,image_url,availability,deleted\n"
+        "1,https://a.com/1.jpg,In Stock,\n"
+        "2,https://a.com/2.jpg,out_of_stock,no\n"
+        "3,https://a.com/3.jpg,discontinued,\n"
+        "4,https://a.com/4.jpg,,TRUE\n"
+        "5,https://a.com/5.jpg,,\n"
+        "6,https://a.com/6.jpg,on the moon,maybe\n",
+    )
+    images = feed.images
+    assert list(images["in_stock"]) == [True, False, None, None, None, None]
+    assert list(images["delist"]) == [False, False, True, True, False, False]
+    assert [(n.row_number, n.reason) for n in feed.notes] == [
+        (6, RejectReason.UNKNOWN_AVAILABILITY),
+        (6, RejectReason.UNKNOWN_AVAILABILITY),
+    ]
+    assert "'on the moon'" in feed.notes[0].detail + feed.notes[1].detail
 
 
 # --- chunking and de-duplication state --------------------------------------------------------

@@ -2,7 +2,8 @@
 
 One Celery message carries a batch of image ids; inside the task a thread pool fetches them
 (downloading is I/O-bound, so threads, not processes, give the concurrency). Every image ends
-in exactly one state: ``downloaded`` or ``failed`` with a reason. The batch's outcomes are
+in exactly one state: ``downloaded`` or ``failed`` with a reason. The same URL under several
+products is fetched once (db/siblings.py). The batch's outcomes are
 committed together, each guarded by ``state = 'queued'``, so a re-delivered batch (after a
 worker was killed) finishes what is left and rewrites nothing.
 """
@@ -10,6 +11,7 @@ worker was killed) finishes what is left and rewrites nothing.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import logging
 import os
 import threading
@@ -23,6 +25,7 @@ from sqlalchemy import Connection, bindparam, select
 from db.images import claim, record_failures, transition
 from db.schema import Image, ImageState, utcnow
 from db.session import retrying, session_scope
+from db.siblings import adopt_downloads, analysis_leaders
 from db.sql import id_in
 from flickd.core.blobstore import BlobStore
 from flickd.core.broker import ANALYZE_TASK
@@ -133,6 +136,9 @@ def claim_queued(image_ids: list[int], settings: Settings) -> list[tuple[int, in
         with session_scope(settings) as session:
             conn = session.connection()
             ids = claim(conn, image_ids, ImageState.QUEUED.value, settings.max_stage_attempts)
+            # A sibling (same URL, another product) already has the bytes: no fetch.
+            adopted = set(adopt_downloads(conn, ids))
+            ids = [i for i in ids if i not in adopted]
             if not ids:
                 return []
             rows = conn.execute(
@@ -196,12 +202,17 @@ def _download_all(
     session: HttpClient,
     blobs: BlobStore,
 ) -> list[DownloadOutcome]:
-    """Every row through :func:`download_one`, on at most ``download_threads`` threads that
-    each take the next row when done: one pool task per thread, not per image (a future per
-    image handed the GIL back and forth 256 times a batch between the task thread and 64
-    busy downloaders)."""
+    """Every URL through :func:`download_one` once (the batch's siblings, same URL under
+    several products, share the outcome), on at most ``download_threads`` threads that each
+    take the next row when done: one pool task per thread, not per image (a future per image
+    handed the GIL back and forth 256 times a batch between the task thread and 64 busy
+    downloaders)."""
+    first: dict[str, int] = {}
+    for i, (_id, _run, url) in enumerate(todo):
+        first.setdefault(url, i)
+    leaders = sorted(first.values())
     outcomes: list[DownloadOutcome | None] = [None] * len(todo)
-    rows = iter(enumerate(todo))
+    rows = iter((i, todo[i]) for i in leaders)
     lock = threading.Lock()
 
     def drain() -> None:
@@ -214,10 +225,14 @@ def _download_all(
             outcomes[i] = download_one(*row, settings, session, blobs)
 
     # Each thread runs in a copy of this task's context, so its log lines carry the task id.
-    slots = min(len(todo), max(1, settings.download_threads))
+    slots = min(len(leaders), max(1, settings.download_threads))
     futures = [pool.submit(contextvars.copy_context().run, drain) for _ in range(slots)]
     for future in futures:
-        future.result()  # download_one never raises: every slot is filled once they return
+        future.result()  # download_one never raises: every leader is filled once they return
+    for i, (image_id, run_id, url) in enumerate(todo):
+        if outcomes[i] is None:
+            lead = cast(DownloadOutcome, outcomes[first[url]])
+            outcomes[i] = dataclasses.replace(lead, image_id=image_id, run_id=run_id, attempts=0)
     return cast(list[DownloadOutcome], outcomes)
 
 
@@ -252,9 +267,12 @@ def download_stage(image_ids: list[int], settings: Settings) -> StageResult:
         rows = conn.execute(
             select(Image.id, Image.run_id, Image.state).where(id_in(conn, Image.id, image_ids))
         ).all()
+        downloaded = [row.id for row in rows if row.state == ImageState.DOWNLOADED.value]
+        # One analysis per distinct image: siblings copy it (db/siblings.py).
+        leaders = analysis_leaders(conn, downloaded) if settings.last_stage == "analyze" else []
     result = StageResult(run_ids={row.run_id for row in rows})
     if settings.last_stage == "analyze":
         result.next_task = ANALYZE_TASK
-        result.next_ids = [row.id for row in rows if row.state == ImageState.DOWNLOADED.value]
+        result.next_ids = leaders
         result.batch_size = settings.analyze_batch_size
     return result

@@ -24,6 +24,9 @@ what is moving, and sends again whatever stalled (the Kubernetes controller patt
   and builds the index, as after a re-embedding. Meanwhile replicas serve the drift from their
   delta and tombstones (``flickd/services/freshness.py``); the decision is taken here, once,
   rather than by each replica, which would race its peers to ask;
+* **delisted products** whose grace period (FLICKD_DELIST_GRACE_SECONDS) is over are purged:
+  their rows go (images, crops and embeddings cascade), then the blobs of their images and
+  crops that no other image, crop or video job uses.
 * **video jobs** (a long clip's search, ``flickd.video_search``) queued or running without
   progress for a lease go back to ``queued`` and are sent again by task name (the task lives
   with the services, which this layer must not import); the claim (db.videos.claim_job) lets
@@ -45,6 +48,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, select, update
 
+from db.catalog import purge_delisted, unused_blobs
 from db.counters import add_counts
 from db.embeddings import missing_crop_ids
 from db.images import fail_exhausted, take_stalled
@@ -62,6 +66,7 @@ from db.schema import (
 from db.session import get_engine, session_scope
 from db.versions import active_embedder
 from db.videos import fail_exhausted_jobs, take_stalled_jobs
+from flickd.core.blobstore import BlobStore
 from flickd.core.broker import (
     ANALYZE_TASK,
     DOWNLOAD_QUEUE,
@@ -96,6 +101,8 @@ class ReconcileReport:
     rebuilds_requested: int = 0  # full builds asked for because the catalog drifted
     video_jobs_redriven: list[int] = field(default_factory=list)
     video_jobs_exhausted: list[int] = field(default_factory=list)
+    products_purged: int = 0
+    blobs_deleted: int = 0
     skipped: bool = False  # another pass held the lock
 
     def counts(self) -> dict[str, int]:
@@ -110,6 +117,8 @@ class ReconcileReport:
             "rebuilds_requested": self.rebuilds_requested,
             "video_jobs_redriven": len(self.video_jobs_redriven),
             "video_jobs_exhausted": len(self.video_jobs_exhausted),
+            "products_purged": self.products_purged,
+            "blobs_deleted": self.blobs_deleted,
         }
 
     def to_dict(self) -> dict[str, object]:
@@ -179,6 +188,7 @@ def reconcile_once(settings: Settings, *, ignore_queues: bool = False) -> Reconc
             report.builds_redriven = _redrive_builds(settings, cutoffs[GPU_QUEUE], lease)
             report.rebuilds_requested = _rebuild_on_drift(settings)
         _redrive_video_jobs(settings, cutoffs[GPU_QUEUE], report)
+        _purge_delisted(settings, now, report)
         with session_scope(settings) as session:
             add_counts(session.connection(), report.counts())
     if any(report.counts().values()):
@@ -370,3 +380,28 @@ def _redrive_video_jobs(settings: Settings, before: datetime, report: ReconcileR
         log.warning("re-driven stalled video jobs jobs=%s", report.video_jobs_redriven)
     for job_id in report.video_jobs_exhausted:
         log.error("video job %s failed: out of attempts", job_id)
+
+
+def _purge_delisted(settings: Settings, now: datetime, report: ReconcileReport) -> None:
+    """Products delisted for longer than the grace period go, rows first (one transaction),
+    then the blobs nothing uses any more. A blob is checked after the rows are gone, so one
+    that another image still uses (the same bytes under another product) stays."""
+    before = now - timedelta(seconds=settings.delist_grace_seconds)
+    with session_scope(settings) as session:
+        report.products_purged, keys = purge_delisted(
+            session.connection(), before, settings.reconcile_batch_limit
+        )
+    if not keys:
+        return
+    with session_scope(settings) as session:
+        unused = unused_blobs(session.connection(), keys)
+    blobs = BlobStore.for_settings(settings)
+    for key in unused:
+        blobs.delete(key)
+    report.blobs_deleted = len(unused)
+    log.info(
+        "purged delisted products=%d blobs_deleted=%d blobs_kept=%d",
+        report.products_purged,
+        len(unused),
+        len(keys) - len(unused),
+    )

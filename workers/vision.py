@@ -25,11 +25,13 @@ import torch
 from PIL import Image as PILImage
 from sqlalchemy import select
 
+from db.catalog import retire_for_images
 from db.embeddings import insert_embeddings
 from db.images import claim, record_failures, transition
 from db.schema import Crop as CropRow
 from db.schema import Image, ImageState, Product, utcnow
 from db.session import retrying, session_scope
+from db.siblings import analyse_once, share_analysis
 from db.sql import id_in
 from db.versions import active_embedder, embedder_version_id
 from db.versions import dialect_insert as _insert
@@ -114,6 +116,7 @@ def _claim_batch(image_ids: list[int], settings: Settings) -> tuple[list[_Item],
         with session_scope(settings) as session:
             conn = session.connection()
             ids = claim(conn, image_ids, ImageState.DOWNLOADED.value, settings.max_stage_attempts)
+            ids = analyse_once(conn, ids)  # siblings' analysis is copied, not recomputed
             rows = conn.execute(
                 select(Image.id, Image.run_id, Image.blob_key, Product.category)
                 .join(Product, Product.id == Image.product_id)
@@ -315,6 +318,10 @@ def _write_once(
             state=ImageState.ANALYZED.value,
             analyzed_at=now,
         )
+        # Siblings (same bytes) copy this analysis, and the images these replace leave
+        # search, in this same commit (db/siblings.py, db/catalog.py).
+        done = [item.image_id for item in good]
+        retire_for_images(conn, done + share_analysis(conn, done, now), now)
         record_failures(
             conn,
             ImageState.DOWNLOADED.value,

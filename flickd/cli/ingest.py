@@ -15,6 +15,8 @@ from flickd.core.settings import Settings
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+PRODUCT_COUNTS = ("created", "updated", "unchanged", "delisted", "relisted")
+
 
 @click.command()
 @click.argument("feed", type=click.Path(path_type=Path, dir_okay=False))
@@ -43,6 +45,18 @@ if TYPE_CHECKING:
     help="Catalog name: product ids are unique within a catalog.",
 )
 @click.option(
+    "--full",
+    is_flag=True,
+    help="The feed is the whole catalog: products of the catalog it does not name are "
+    "delisted (refused when it is empty, cut short or would delist more than "
+    "FLICKD_MAX_DELIST_SHARE of the catalog). Without it the feed is a delta.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="With --full: delist even when the guards would refuse (an empty feed, a large share).",
+)
+@click.option(
     "--wait/--no-wait",
     default=False,
     help="Distributed mode: follow the run until every image is done.",
@@ -61,6 +75,8 @@ def ingest(
     url_separator: str,
     fmt: str | None,
     catalog: str,
+    full: bool,
+    force: bool,
     wait: bool,
     as_json: bool,
 ) -> None:
@@ -68,6 +84,9 @@ def ingest(
     from flickd.cli import preflight
     from producer.feeds import FeedColumns, estimate_rows
     from producer.ingest import ingest as run_ingest
+
+    if force and not full:
+        raise click.UsageError("--force is for --full feeds (a delta never delists by itself)")
 
     # Fail before the first row, not after the last download: database, broker, models.
     preflight.require(preflight.for_ingest(settings))
@@ -88,6 +107,8 @@ def ingest(
         columns=columns,
         catalog=catalog,
         fmt=fmt,
+        full=full,
+        force=force,
         on_progress=(lambda _s, n: progress.update(n)) if progress else None,
     )
     if progress:
@@ -100,7 +121,7 @@ def ingest(
         echo_json(result)
     else:
         _print_summary(result)
-    if summary.error:
+    if summary.error or summary.sync_refused:
         sys.exit(2)
 
 
@@ -131,6 +152,8 @@ def _print_summary(result: dict[str, Any]) -> None:
     click.echo(f"run {result['run_id']}: {result['status']}  ({result['feed']})")
     if result.get("error"):
         click.echo(f"  error: {result['error']}")
+    if result.get("sync_refused"):
+        click.echo(f"  refused          {result['sync_refused']}", err=True)
     click.echo(f"  rows read        {result['rows']:>10,}")
     click.echo(f"  accepted images  {result['accepted']:>10,}")
     click.echo(f"  invalid rows     {result['invalid']:>10,}")
@@ -140,6 +163,13 @@ def _print_summary(result: dict[str, Any]) -> None:
         f"  duplicates       {result['duplicates']:>10,}"
         f"  (in feed {result['duplicates_in_feed']:,}, already known "
         f"{result['already_known']:,})"
+    )
+    for reason, count in sorted(result.get("notes_by_reason", {}).items()):
+        click.echo(f"  kept, {reason:<18}{count:>6,}  (see rejected_rows)")
+    products = result["products"]
+    click.echo(
+        f"  products ({'full' if result['full'] else 'delta'})  "
+        + ", ".join(f"{name} {products[name]:,}" for name in PRODUCT_COUNTS)
     )
     click.echo(f"  enqueued         {result['enqueued']:>10,}  in {result['messages']:,} messages")
     if result.get("not_sent"):

@@ -49,6 +49,12 @@ def status(settings: Settings, run: int | None, as_json: bool, watch: bool) -> N
         f"  rows {progress.rows_read:,}, accepted {progress.accepted:,}, invalid "
         f"{progress.invalid:,}, enqueued {progress.enqueued:,}"
     )
+    kind = "full" if progress.full_feed else "delta"
+    click.echo(
+        f"  products ({kind}): " + ", ".join(f"{k} {v:,}" for k, v in progress.products.items())
+    )
+    if progress.sync_refused:
+        click.echo(f"  refused: {progress.sync_refused}")
     for state, count in sorted(progress.images_by_state.items()):
         click.echo(f"  {state:<12} {count:>10,}")
     for reason, count in sorted(progress.failures_by_reason.items()):

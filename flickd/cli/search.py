@@ -207,6 +207,7 @@ def show(settings: Settings, product_id: str, catalog: str, as_json: bool) -> No
         f"{details['product_id']}: {details['title'] or ''}  "
         f"[{details['brand'] or '-'} / {details['category'] or '-'}]"
     )
+    click.echo(f"  {_listing(details)}")
     for image in details["images"]:
         size = f"{image['width']}x{image['height']}" if image["width"] else ""
         reason = (
@@ -214,7 +215,16 @@ def show(settings: Settings, product_id: str, catalog: str, as_json: bool) -> No
             if image["failure_reason"]
             else ""
         )
-        click.echo(f"  image {image['image_id']} {image['state']} {size} {image['url']}{reason}")
+        served = (
+            f" retired {image['retired_at']}"
+            if image["retired_at"]
+            else f" superseded {image['superseded_at']} (served until its successor is analysed)"
+            if image["superseded_at"]
+            else ""
+        )
+        click.echo(
+            f"  image {image['image_id']} {image['state']} {size} {image['url']}{reason}{served}"
+        )
         for crop in image["crops"]:
             box = ",".join(f"{v:.0f}" for v in crop["box"])
             score = f"{crop['score']:.2f}" if crop["score"] is not None else "whole"
@@ -223,6 +233,19 @@ def show(settings: Settings, product_id: str, catalog: str, as_json: bool) -> No
                 f" {crop['colour']} {crop['colour_rgb']} score={score} box={box}"
             )
             click.echo(f'       "{crop["prompt"]}"')
+
+
+def _listing(details: dict[str, Any]) -> str:
+    """``listed`` or ``DELISTED since …``, then the stock state and the price."""
+    listing = (
+        "listed"
+        if details["listed"]
+        else f"DELISTED since {details['delisted_at']} (not in search)"
+    )
+    stock = {True: "in stock", False: "out of stock", None: "stock unknown"}[details["in_stock"]]
+    price = details["price"]
+    shown = "no price" if price is None else f"{price:.2f} {details['currency'] or ''}".strip()
+    return f"{listing}; {stock}; {shown}"
 
 
 @click.command()

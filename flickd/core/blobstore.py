@@ -94,3 +94,11 @@ class BlobStore:
         if self.remote is not None:
             return self.remote.exists(self.relative(key))
         return self.path(key).exists()
+
+    def delete(self, key: str) -> None:
+        """Remove the blob (nothing happens when it is not there). Callers make sure no row
+        uses it any more: identical bytes share one key."""
+        if self.remote is not None:
+            self.remote.delete(self.relative(key))
+            return
+        self.path(key).unlink(missing_ok=True)

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     feed_chunk_rows: int = 50_000
     download_batch_size: int = 200  # images per download message
     max_url_length: int = 2048
+    # Catalog sync. A `--full` feed is refused (nothing delisted, the reason on the run) when
+    # it would delist more than this share of its catalog's listed products, unless forced.
+    max_delist_share: float = 0.2
+    # Delisted products leave search at once; their rows, crops and blobs are kept this long
+    # (a product that returns is relisted without a download), then the reconciler purges them.
+    delist_grace_seconds: int = 7 * 24 * 3600
 
     # --- downloads -----------------------------------------------------------------------------
     # CIDR networks the SSRF guard lets through although they are private/loopback/…
@@ -212,6 +218,8 @@ class Settings(BaseSettings):
                 "freshness_poll_seconds and freshness_overlap_seconds must not be negative, "
                 "freshness_resync_seconds and rebuild_drift_share must be above 0"
             )
+        if not 0.0 <= self.max_delist_share <= 1.0 or self.delist_grace_seconds < 0:
+            raise ValueError("max_delist_share must be in 0..1, delist_grace_seconds not negative")
         if self.reconcile_interval <= 0 or self.max_stage_attempts < 1:
             raise ValueError("reconcile_interval must be above 0, max_stage_attempts at least 1")
         return self

@@ -25,6 +25,11 @@ class FeedColumns:
     brand: str | None = "brand"
     category: str | None = "category"
     price: str | None = "price"
+    # Catalog sync: the price's ISO 4217 code (when the price text names none), the stock
+    # state ("in stock", "out of stock", "discontinued" …) and an explicit delete flag.
+    currency: str | None = "currency"
+    availability: str | None = "availability"
+    deleted: str | None = "deleted"
     # A URL cell may list several images separated by this; None: one URL per cell.
     url_separator: str | None = "|"
 
@@ -49,6 +54,9 @@ class Roles:
     brand: int | None
     category: int | None
     price: int | None
+    currency: int | None
+    availability: int | None
+    deleted: int | None
     extras: tuple[int, ...]
 
 
@@ -94,5 +102,9 @@ def resolve_roles(names: list[str], spec: FeedColumns, *, strict: bool) -> Roles
 
     title, brand = optional(spec.title), optional(spec.brand)
     category, price = optional(spec.category), optional(spec.price)
+    currency, availability = optional(spec.currency), optional(spec.availability)
+    deleted = optional(spec.deleted)
     extras = tuple(i for i in range(len(names)) if i not in taken)
-    return Roles(id_pos, url_pos, title, brand, category, price, extras)
+    return Roles(
+        id_pos, url_pos, title, brand, category, price, currency, availability, deleted, extras
+    )

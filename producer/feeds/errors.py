@@ -22,11 +22,15 @@ class RejectReason(StrEnum):
     UNSUPPORTED_SCHEME = "unsupported_scheme"  # anything but http/https
     URL_TOO_LONG = "url_too_long"
     MALFORMED_ROW = "malformed_row"  # more fields than the header, or a line that is not JSON
+    # Notes on rows that were accepted all the same (FeedChunk.notes):
+    UNREADABLE_PRICE = "unreadable_price"  # a price text that is not a price: kept without one
+    UNKNOWN_AVAILABILITY = "unknown_availability"  # an availability/deleted value not known
 
 
 @dataclass(frozen=True)
 class RejectedRow:
-    """A source row (or one URL of it) that was not accepted.
+    """A source row (or one URL of it) that was not accepted, or (a note) a row that was
+    accepted with one of its values left out.
 
     A row with several URLs can be rejected once per bad URL; ``raw`` holds the row's fields
     as read (header name -> text)."""

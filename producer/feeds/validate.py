@@ -24,6 +24,7 @@ from producer.feeds.encoding import python_text
 from producer.feeds.errors import RejectedRow, RejectReason
 from producer.feeds.prices import parse_prices
 from producer.feeds.raw import RawChunk
+from producer.feeds.stock import read_stock
 from producer.feeds.urls import UrlCheck, UrlProblem, check_urls, url_detail
 
 IMAGE_COLUMNS: Final = (
@@ -34,6 +35,9 @@ IMAGE_COLUMNS: Final = (
     "brand",
     "category",
     "price",
+    "currency",
+    "in_stock",
+    "delist",
     "extra",
 )
 
@@ -46,12 +50,19 @@ class FeedChunk:
     ``row_number`` (int64: 1-based data row, header excluded; the line number for JSON Lines),
     ``product_id`` and ``url`` (pandas ``str``; ``url`` normalised as :mod:`producer.feeds.urls`
     says), ``title``/``brand``/``category`` (object: str or None), ``price`` (float64, NaN when
-    absent or not a number >= 0) and ``extra`` (object: dict of the other non-empty columns, or
+    absent or not a number >= 0), ``currency`` (object: ISO 4217 code or None: the price
+    text's own, else the ``currency`` column's), ``in_stock`` (object: True, False or None) and
+    ``delist`` (bool: the row asks for its product to be delisted; see
+    :mod:`producer.feeds.stock`) and ``extra`` (object: dict of the other non-empty columns, or
     None; the images of one row share one dict).
+
+    ``notes`` are rows that were accepted with a value left out (an unreadable price, an
+    unknown availability), one per row and reason.
     """
 
     images: pd.DataFrame
     rejected: list[RejectedRow]
+    notes: list[RejectedRow]
     rows_read: int  # source rows in this slice: blank, rejected and accepted alike
     duplicates: int  # (product, URL) pairs dropped because an earlier row had them
     blank: int  # rows whose fields were all empty: skipped, not rejected
@@ -106,9 +117,11 @@ class ChunkProcessor:
         urls, parent = urls.filter(pa.array(fresh)), parent[fresh]
 
         rejected.sort(key=lambda r: r.row_number)
+        images, notes = rows.images(urls, parent)
         return FeedChunk(
-            images=rows.images(urls, parent),
+            images=images,
             rejected=rejected,
+            notes=notes,
             rows_read=raw.rows_read,
             duplicates=int(len(fresh) - fresh.sum()),
             blank=int(blank.sum()) + raw.blank_lines,
@@ -173,10 +186,15 @@ class _Rows:
             out.append(RejectedRow(number, problem.reason, detail, raw_fields))
         return out
 
-    def images(self, urls: pa.Array, parent: np.ndarray) -> pd.DataFrame:
+    def images(self, urls: pa.Array, parent: np.ndarray) -> tuple[pd.DataFrame, list[RejectedRow]]:
         take = pa.array(parent, pa.int64())
         roles = self.roles
-        return pd.DataFrame(
+        prices = parse_prices(self.text_column(roles.price))
+        stock = read_stock(self.text_column(roles.availability), self.text_column(roles.deleted))
+        currency = _currency_codes(self.text_column(roles.currency))
+        own = prices.currencies
+        currencies = np.where(pd.isna(own), currency, own)
+        frame = pd.DataFrame(
             {
                 "row_number": self.numbers[parent],
                 "product_id": self.text_column(roles.id).take(take).to_pandas(),
@@ -184,11 +202,43 @@ class _Rows:
                 "title": _optional_text(self.text_column(roles.title).take(take)),
                 "brand": _optional_text(self.text_column(roles.brand).take(take)),
                 "category": _optional_text(self.text_column(roles.category).take(take)),
-                "price": parse_prices(self.text_column(roles.price))[parent],
+                "price": prices.values[parent],
+                "currency": pd.Series(currencies[parent], dtype=object),
+                "in_stock": pd.Series(stock.in_stock[parent], dtype=object),
+                "delist": stock.delist[parent],
                 "extra": pd.Series(self._extras(parent), dtype=object),
             },
             columns=list(IMAGE_COLUMNS),
         )
+        accepted = np.unique(parent)
+        notes = [
+            *self._notes(accepted, prices.unreadable, RejectReason.UNREADABLE_PRICE, roles.price),
+            *self._notes(
+                accepted,
+                stock.unknown_availability,
+                RejectReason.UNKNOWN_AVAILABILITY,
+                roles.availability,
+            ),
+            *self._notes(
+                accepted, stock.unknown_deleted, RejectReason.UNKNOWN_AVAILABILITY, roles.deleted
+            ),
+        ]
+        notes.sort(key=lambda r: r.row_number)
+        return frame, notes
+
+    def _notes(
+        self, accepted: np.ndarray, mask: np.ndarray, reason: RejectReason, pos: int | None
+    ) -> list[RejectedRow]:
+        """One note per accepted row whose value in column ``pos`` is ``mask``ed."""
+        rows = accepted[mask[accepted]]
+        if not len(rows) or pos is None:
+            return []
+        name = self.raw.names[pos]
+        what = _NOTE_TEXT[reason]
+        return [
+            RejectedRow(int(self.numbers[r]), reason, f"{name} {fields[name]!r} {what}", fields)
+            for r, fields in zip(rows, self.raw_fields(rows), strict=True)
+        ]
 
     def _extras(self, parent: np.ndarray) -> np.ndarray:
         out = np.full(len(parent), None, dtype=object)
@@ -204,6 +254,20 @@ class _Rows:
             for row in zip(*values, strict=True)
         ]
         return dicts[index]
+
+
+_NOTE_TEXT: Final = {
+    RejectReason.UNREADABLE_PRICE: "is not a price; the row was kept without a price",
+    RejectReason.UNKNOWN_AVAILABILITY: "is not a known availability or deleted value; "
+    "the row was kept and its product stays listed",
+}
+
+
+def _currency_codes(col: pa.Array) -> np.ndarray:
+    """The ``currency`` column as upper-case three-letter codes (None where it is not one)."""
+    code = pc.and_(pc.equal(pc.utf8_length(col), 3), pc.utf8_is_alpha(col))
+    upper = pc.if_else(code, pc.utf8_upper(col), NULL_TEXT)
+    return np.array(upper.to_pylist(), dtype=object)
 
 
 def _trim(col: pa.Array) -> pa.Array:
