@@ -392,26 +392,34 @@ def test_two_full_feeds_of_one_catalog_at_once_never_mix(settings, catalog, serv
                 or 0
             )
 
-    # Hold the catalog's lock ourselves until both processes are waiting for it.
+    # Hold the catalog's lock ourselves until both processes have found it taken (each logs
+    # that it waits): a process merely started may not have reached the lock yet.
     holder = psycopg.connect(settings.database_url.replace("+psycopg", ""), autocommit=True)
     holder.execute(f"SELECT pg_advisory_lock({LOCK_NAMESPACE}, {_catalog_key('shop')})")
     procs = {}
+    logs = {name: tmp_path / f"{name}.stderr" for name in feeds}
+
+    def waiting(name: str) -> bool:
+        return "waiting for another full feed of catalog 'shop'" in logs[name].read_text()
+
     try:
         for name, (_, path) in feeds.items():
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "flickd.cli", "ingest", str(path), *full_shop],
-                env=env,
-                cwd=ROOT,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        wait_until(lambda: running() == 2, 60, "both full feeds to start and wait")
+            with logs[name].open("w") as stderr:
+                procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "flickd.cli", "ingest", str(path), *full_shop],
+                    env={**env, "FLICKD_LOG_LEVEL": "INFO"},
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    text=True,
+                )
+        wait_until(lambda: running() == 2, 60, "both full feeds to start")
+        wait_until(lambda: all(map(waiting, feeds)), 60, "both full feeds to wait for the lock")
         holder.execute(f"SELECT pg_advisory_unlock({LOCK_NAMESPACE}, {_catalog_key('shop')})")
         results = {}
         for name, proc in procs.items():
-            out, err = proc.communicate(timeout=120)
-            assert proc.returncode == 0, err[-2000:]
+            out, _ = proc.communicate(timeout=120)
+            assert proc.returncode == 0, logs[name].read_text()[-2000:]
             results[name] = json.loads(out)
     finally:
         holder.close()
