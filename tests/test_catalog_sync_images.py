@@ -250,3 +250,48 @@ def test_a_stranded_sibling_is_redriven_and_analysed_on_its_own(
     (follower,) = images_of(settings, second)
     assert follower.state == "analyzed" and crops_of(settings, follower.id)
     assert embeddings_of(settings, follower.id)
+
+
+def test_search_follows_a_second_full_feed_without_a_rebuild(settings, catalog, server, tmp_path):
+    """Full feed, index, then a second full feed that removes one product, retitles one and
+    adds one: a serving SearchService (polling, as the API does) answers with exactly the
+    second feed's products and the new title, and no rebuild happens in between."""
+    from flickd.services.search import SearchService
+    from tests.test_search_api import build_index
+
+    settings = settings.model_copy(update={"max_delist_share": 1.0, "freshness_poll_seconds": 0.2})
+    every = ids(catalog)
+    first, second = every[:4], every[1:5]  # every[0] leaves, every[4] arrives
+    renamed = every[2]
+    k = len(every)
+
+    def served() -> dict[str, str | None]:
+        hits = service.search_text("a photo of a fashion item", k).items[0].results
+        return {hit.product_id: hit.title for hit in hits}
+
+    with celery_worker(settings, queues="download,gpu", concurrency=2):
+        run = ingest(
+            write_csv(tmp_path / "a.csv", rows_for(catalog, server, first)), settings, full=True
+        )
+        assert wait_for_run(settings, run.run_id, timeout=120) == "done"
+        build_index(settings)
+        service = SearchService(settings)
+        service.freshness.start()
+        try:
+            assert set(served()) == set(first)
+            built = service.freshness.current()
+            assert built is not None
+            feed = rows_for(catalog, server, second, **{renamed: {"title": "Renamed in feed B"}})
+            run = ingest(write_csv(tmp_path / "b.csv", feed), settings, full=True)
+            assert (run.created, run.updated, run.unchanged, run.delisted) == (1, 1, 2, 1)
+            assert wait_for_run(settings, run.run_id, timeout=120) == "done"
+            wait_until(
+                lambda: set(served()) == set(second) and served()[renamed] == "Renamed in feed B",
+                30,
+                "search to serve the second feed",
+            )
+        finally:
+            service.freshness.stop()
+    now = service.freshness.current()
+    assert now is not None and now.base is built.base  # served from the first build, no rebuild
+    assert products(settings)[every[0]].listed is False
