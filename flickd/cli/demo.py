@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["TEXT_QUERIES", "DemoResult", "demo", "demo_settings", "register", "run_demo"]
 
 API_PORT = 8000
+DEMO_EPOCHS = 60  # see demo_settings
 
 
 @click.command()
@@ -61,7 +62,14 @@ API_PORT = 8000
     show_default=True,
     help="Use the offline (random-weight) detector; its boxes carry no meaning.",
 )
-def demo(out_dir: Path, products: int, detector: bool) -> None:
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=DEMO_EPOCHS,
+    show_default=True,
+    help="Fine-tuning epochs of the final task (fewer: faster, lower recall).",
+)
+def demo(out_dir: Path, products: int, detector: bool, epochs: int) -> None:
     """The whole pipeline on the embedded default with offline models, in one command."""
     # Only the demo's own lines: no library chatter, no broker warning (it runs in-process);
     # model loading hides its progress bars itself (models.loading.quiet_progress_bars).
@@ -71,7 +79,7 @@ def demo(out_dir: Path, products: int, detector: bool) -> None:
         f"flickd demo: {products} synthetic products in {out_dir}, offline models with random "
         "weights (scores show the machinery, not the real models' quality)"
     )
-    result = run_demo(out_dir, products=products, detector=detector)
+    result = run_demo(out_dir, products=products, detector=detector, epochs=epochs)
     summary = result.summary
     states = ", ".join(f"{n} {state}" for state, n in result.image_states.items())
     click.echo(
@@ -123,7 +131,9 @@ def register(main: click.Group) -> None:
     main.add_command(demo)
 
 
-def demo_settings(out_dir: Path, models: dict[str, Path], detector: bool) -> Settings:
+def demo_settings(
+    out_dir: Path, models: dict[str, Path], detector: bool, epochs: int = 0
+) -> Settings:
     return Settings(
         data_dir=out_dir / "data",
         allowed_networks=["127.0.0.0/8"],
@@ -136,7 +146,7 @@ def demo_settings(out_dir: Path, models: dict[str, Path], detector: bool) -> Set
         # and needs ~300 steps on the 100-product catalog to learn both colour and garment
         # words (8 epochs reached held-out recall@5 0.85 on 300 products, 60 reach 0.97).
         train_lr=1e-3,
-        train_epochs=60,
+        train_epochs=epochs or DEMO_EPOCHS,
         train_batch_size=32,
     )
 
@@ -162,7 +172,11 @@ def explore_commands(settings: Settings, text: str, product_id: str) -> list[str
 
 
 def run_demo(
-    out_dir: Path, products: int = 100, seed: int = 11, detector: bool = False
+    out_dir: Path,
+    products: int = 100,
+    seed: int = 11,
+    detector: bool = False,
+    epochs: int = 0,
 ) -> DemoResult:
     from db.migrate import upgrade
     from flickd.services.search import SearchService
@@ -182,7 +196,7 @@ def run_demo(
     out_dir = out_dir.absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     models = _offline_models(out_dir / "models", build_offline_models)
-    settings = demo_settings(out_dir, models, detector)
+    settings = demo_settings(out_dir, models, detector, epochs)
     upgrade(settings)
     mark = lap("offline models and database", started)
     catalog = generate_catalog(out_dir / "catalog", products, seed=seed, size="small")
