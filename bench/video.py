@@ -1,8 +1,14 @@
-"""Video search throughput: flickd's way (sampling with scene changes, batched analysis, tracks,
-one search per track) beside the prototype's way (every N-th frame decoded and matched one at
-a time: detect the frame, embed each crop, search each crop k=1, no tracks), in one run.
+"""Video search throughput: flickd's way (sampling with scene changes, analysing the scene
+changes and the frames that moved, carrying their items over the rest, batched analysis,
+tracks, one search per track) beside the prototype's way (every N-th frame decoded and matched
+one at a time: detect the frame, embed each crop, search each crop k=1, no tracks), in one run.
 
-    .venv/bin/python -m bench.video --seconds 60 --size 1280x720 --models base
+    .venv/bin/python -m bench.video --seconds 60 --size 1280x720 --models base \
+        [--cache /tmp/flickd-video-cache] [--flickd-only]
+
+``--cache DIR`` keeps the indexed catalog and the clip (about six minutes to make on 2 cores)
+and reuses them; ``--flickd-only`` skips the prototype's way for quick tries of a setting
+(FLICKD_* variables apply, e.g. FLICKD_VIDEO_DETECTOR_SHORTEST_EDGE=352).
 
 A synthetic catalog is analysed and indexed with the same offline models (`flickd models
 build`: `base` has the real architectures, random weights) in the embedded mode (SQLite, tasks
@@ -21,6 +27,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -108,9 +115,10 @@ def flickd_way(path: Path, service: SearchService, settings: Settings) -> Figure
     wall = time.perf_counter() - started
     seconds = result.cut_at_s or result.duration_s or 0.0
     return Figures(
-        "flickd (sampled frames + scene changes, batches, tracks, one search per track)",
+        "flickd (scene changes + frames that moved analysed, the rest carried; batches, tracks, "
+        "one search per track)",
         result.frames_decoded,
-        result.frames_sampled,
+        result.frames_analysed,
         seconds,
         decode_s,
         wall,
@@ -179,41 +187,15 @@ def prototype_way(path: Path, every: int, service: SearchService, settings: Sett
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=60, help="length of the clip (about)")
-    parser.add_argument("--size", default="1280x720", help="frame size WIDTHxHEIGHT")
-    parser.add_argument("--fps", type=float, default=30)
-    parser.add_argument("--models", choices=["tiny", "base"], default="base")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--every",
-        type=int,
-        default=0,
-        help="the prototype's N (default: fps / FLICKD_VIDEO_MAX_FPS, the same frame rate)",
-    )
-    parser.add_argument("--seed", type=int, default=5)
-    args = parser.parse_args()
-    stop_children_on_sigterm()
-    print(machine())
-    load = os.getloadavg()
-    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    width, height = (int(v) for v in args.size.lower().split("x"))
-
+def _make_catalog_and_clip(
+    args: argparse.Namespace, settings: Settings, work: Path, size: tuple[int, int]
+) -> Any:
+    """Index a synthetic catalog and make a clip from the images of half its products."""
+    from db.migrate import upgrade
     from synthetic.catalog import generate_catalog
     from synthetic.video import catalog_images, make_clip
 
-    work = Path(tempfile.mkdtemp(prefix="flickd-bench-video-"))
-    models = _models(args.models)
-    settings = Settings(
-        data_dir=work / "data",
-        allowed_networks=["127.0.0.0/8"],
-        last_stage="analyze",
-        detector_model=str(models["detector"]),
-        embedding_model=str(models["clip"]),
-        device=args.device,
-    )
-    from db.migrate import upgrade
+    width, height = size
 
     upgrade(settings)
     shots = max(2, math.ceil(args.seconds / 2))  # shots last 1-3 s, 2 s on average
@@ -237,6 +219,66 @@ def main() -> None:
         f"{truth.fps:g} fps, {len(truth.shots)} shots, {truth.path.stat().st_size / 1e6:.1f} MB, "
         f"made in {time.perf_counter() - started:.0f}s"
     )
+    return truth
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60, help="length of the clip (about)")
+    parser.add_argument("--size", default="1280x720", help="frame size WIDTHxHEIGHT")
+    parser.add_argument("--fps", type=float, default=30)
+    parser.add_argument("--models", choices=["tiny", "base"], default="base")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--every",
+        type=int,
+        default=0,
+        help="the prototype's N (default: fps / FLICKD_VIDEO_MAX_FPS, the same frame rate)",
+    )
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="keep the indexed catalog and the clip in this folder and reuse them on the next "
+        "run with the same --seconds/--size/--fps/--models/--seed (their making takes minutes)",
+    )
+    parser.add_argument(
+        "--flickd-only",
+        action="store_true",
+        help="skip the prototype's way (quick iterations; no ratio)",
+    )
+    args = parser.parse_args()
+    stop_children_on_sigterm()
+    print(machine())
+    load = os.getloadavg()
+    print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    width, height = (int(v) for v in args.size.lower().split("x"))
+
+    key = f"{args.seconds:g}s-{args.size}-{args.fps:g}fps-{args.models}-seed{args.seed}"
+    if args.cache is not None:
+        work = args.cache / key
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="flickd-bench-video-"))
+    state = work / "state.pickle"
+    models = _models(args.models)
+    settings = Settings(
+        data_dir=work / "data",
+        allowed_networks=["127.0.0.0/8"],
+        last_stage="analyze",
+        detector_model=str(models["detector"]),
+        embedding_model=str(models["clip"]),
+        device=args.device,
+    )
+    if state.exists():
+        with state.open("rb") as fh:
+            truth = pickle.load(fh)
+        print(f"catalog and clip reused from {work}")
+    else:
+        truth = _make_catalog_and_clip(args, settings, work, (width, height))
+        with state.open("wb") as fh:
+            pickle.dump(truth, fh)
     products = {shot.product_id for shot in truth.shots}
     every = args.every or max(1, round(truth.fps / settings.video_max_fps))
 
@@ -250,10 +292,16 @@ def main() -> None:
         detector.detect([warm])
     print(
         f"settings: video_max_fps {settings.video_max_fps}, scene threshold "
-        f"{settings.video_scene_threshold}, batch {settings.video_batch_size} frames, "
+        f"{settings.video_scene_threshold}, motion threshold {settings.video_motion_threshold}, "
+        f"min fps {settings.video_min_fps}, detector shortest edge "
+        f"{settings.video_detector_shortest_edge or 'its own'}, "
+        f"batch {settings.video_batch_size} frames, "
         f"{settings.search_max_items} items per frame at most; prototype N = {every}"
     )
 
+    if args.flickd_only:
+        print("\n".join(flickd_way(truth.path, service, settings).lines(products)))
+        return
     prototype = prototype_way(truth.path, every, service, settings)
     ours = flickd_way(truth.path, service, settings)
     for figures in (prototype, ours):

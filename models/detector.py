@@ -91,18 +91,39 @@ class Detector:
         patch = int(getattr(self.model.config, "patch_size", 16) or 16)
         return resize_rule(self.processor, min_side=max(patch, 16))
 
-    def _pixels(self, image: Image.Image) -> torch.Tensor:
+    def _pixels(self, image: Image.Image, shortest_edge: int | None = None) -> torch.Tensor:
         """(3, h, w) model input for one image: resized and normalised, never padded."""
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return self.processor(images=[rgb], return_tensors="pt")["pixel_values"][0]
+        extra = {} if shortest_edge is None else {"size": self.input_size(shortest_edge)}
+        return self.processor(images=[rgb], return_tensors="pt", **extra)["pixel_values"][0]
+
+    def input_size(self, shortest_edge: int) -> dict[str, int]:
+        """The processor's ``size`` for images seen at ``shortest_edge`` (never above its own
+        short side): the long side cap scaled alike, so the aspect rule stays the same.
+
+        Why a smaller input: YOLOS is a ViT over 16-pixel patches, so its cost grows with the
+        pixels it sees (linearly in the MLPs, quadratically in attention). A 1280x720 frame at
+        the processor's 512/864 is 30x54 = 1620 patches; at 352 it is 22x40 = 880, about half
+        the compute, and a garment that fills a good part of a video frame is still many
+        patches wide. Catalog images keep the processor's size (the vision stage never passes
+        one)."""
+        own_short, own_long, _ = self.resize_rule
+        short = max(16, min(int(shortest_edge), own_short))
+        size = {"shortest_edge": short}
+        if own_long is not None:
+            size["longest_edge"] = max(short, round(own_long * short / own_short))
+        return size
 
     def detect(
         self,
         images: Sequence[Image.Image],
         threshold: float | None = None,
         batch_size: int | None = None,
+        shortest_edge: int | None = None,
     ) -> list[list[Detection]]:
-        """Detections per image, in input order, each list sorted by descending score.
+        """Detections per image, in input order, each list sorted by descending score, in the
+        images' own pixels; ``shortest_edge`` resizes them for the model to that short side
+        instead of the processor's (``input_size``).
 
         Images are batched only with images of the same resized shape. YOLOS has no pixel mask,
         so padding a small image up to a batch-mate's size would change what the model sees and
@@ -112,7 +133,7 @@ class Detector:
         """
         threshold = self.threshold if threshold is None else threshold
         batch_size = batch_size or self.batch_size
-        pixels = [self._pixels(image) for image in images]
+        pixels = [self._pixels(image, shortest_edge) for image in images]
         buckets: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, tensor in enumerate(pixels):
             buckets[tuple(tensor.shape)].append(i)

@@ -12,6 +12,11 @@ Each frame's detections are assigned to the open tracks by the Hungarian method
 whose boxes cross are kept apart by what they look like, which a greedy best-first matcher
 gets wrong whenever the first pair it takes is the wrong one. A track's query vector is the
 L2-normalised mean of its members' embeddings.
+
+A sampled frame that was not analysed (video search analyses a scene's first frame and the
+frames that moved, not every one) is ``carry``-ed: the tracks seen in the last analysed frame
+are extended to it with the same box, adding a member but no new evidence to the mean, so a
+track's first and last frames still follow the shot while the models see it once or twice.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class Track:
     frames: list[int] = field(default_factory=list)
     last_box: Box = (0.0, 0.0, 0.0, 0.0)
     _sum: np.ndarray | None = None
+    carried: int = 0  # members that are carried-over frames (no embedding of their own)
 
     @property
     def last_frame(self) -> int:
@@ -89,6 +95,7 @@ class Tracker:
         self.tracks: list[Track] = []
         self._open: list[Track] = []
         self._count = 0  # observations seen so far: the next one's member index
+        self._last_seen: list[Track] = []  # the tracks of the last analysed frame
 
     def add_frame(
         self, frame: int, observations: Sequence[Observation], scene_change: bool = False
@@ -97,6 +104,7 @@ class Tracker:
         if scene_change:
             self._open = []
         self._open = [t for t in self._open if frame - t.last_frame - 1 <= self.max_gap]
+        self._last_seen = []
         assigned: list[Track | None] = [None] * len(observations)
         if self._open and observations:
             cost = self._costs(self._open, observations)
@@ -111,7 +119,24 @@ class Tracker:
                 self._open.append(track)
             track._add(self._count + offset, observation)
             ids.append(track.track_id)
+            self._last_seen.append(track)
         self._count += len(observations)
+        return ids
+
+    def carry(self, frame: int, scene_change: bool = False) -> list[int]:
+        """A sampled frame that was not analysed: the tracks seen in the last analysed frame
+        (if no scene change came since) go on through it with their last box. Each such track
+        gets one member, numbered after the observations so far; their track ids, in order.
+        The track's mean embedding is unchanged (the frame brought none)."""
+        if scene_change:
+            self._open, self._last_seen = [], []
+        ids = []
+        for track in self._last_seen:
+            track.members.append(self._count)
+            track.frames.append(frame)
+            track.carried += 1
+            self._count += 1
+            ids.append(track.track_id)
         return ids
 
     def _costs(self, tracks: Sequence[Track], observations: Sequence[Observation]) -> np.ndarray:

@@ -126,3 +126,37 @@ def test_missing_directory(tmp_path: Path) -> None:
         Detector(tmp_path / "nope", device="cpu")
     with pytest.raises(ModelLoadError, match=r"no config\.json"):
         Detector(tmp_path, device="cpu")
+
+
+def test_a_smaller_input_size_shrinks_what_the_model_sees_not_the_boxes_frame(
+    tiny_detector: Detector,
+) -> None:
+    """``shortest_edge`` (video frames, FLICKD_VIDEO_DETECTOR_SHORTEST_EDGE) resizes the input
+    to that short side with the long-side cap scaled alike, never above the processor's own;
+    boxes still come back in the image's own pixels."""
+    own_short, own_long, _ = tiny_detector.resize_rule
+    assert own_long is not None
+    half = own_short // 2
+    assert tiny_detector.input_size(half) == {
+        "shortest_edge": half,
+        "longest_edge": round(own_long * half / own_short),
+    }
+    assert tiny_detector.input_size(own_short * 4) == {
+        "shortest_edge": own_short,
+        "longest_edge": own_long,
+    }
+    image = PHOTOS[0]
+    full = tiny_detector._pixels(image)
+    small = tiny_detector._pixels(image, half)
+    assert min(full.shape[1:]) > min(small.shape[1:]) >= 16
+    assert small.shape[1] * small.shape[2] < full.shape[1] * full.shape[2] / 2
+    results = tiny_detector.detect(PHOTOS, shortest_edge=half)
+    assert len(results) == len(PHOTOS) and sum(len(r) for r in results) > 0
+    for photo, detections in zip(PHOTOS, results, strict=True):
+        for d in detections:
+            x0, y0, x1, y1 = d.box
+            assert 0 <= x0 < x1 <= photo.width and 0 <= y0 < y1 <= photo.height
+    # The processor's own size is the default: passing it changes nothing.
+    assert [
+        [d.box for d in r] for r in tiny_detector.detect(PHOTOS[:3], shortest_edge=own_short)
+    ] == [[d.box for d in r] for r in tiny_detector.detect(PHOTOS[:3])]

@@ -44,7 +44,7 @@ from tests.conftest_download import make_settings
 
 catalog = catalog_fixture(4, seed=5, dirname="video_catalog")
 
-# The rate rule alone (no motion gate): every frame due at max_fps is kept.
+# The rate rule alone (no motion gate): every frame due at max_fps is kept and analysed.
 LIMITS = dataclasses.replace(VideoLimits.from_settings(Settings()), motion_threshold=0.0)
 FPS = 12
 # (codec, container PyAV names, decoder)
@@ -161,22 +161,27 @@ def test_the_motion_gate_samples_a_still_scene_once_per_refresh_and_keeps_every_
         container.mux(packet)
     container.close()
     gated = dataclasses.replace(LIMITS, motion_threshold=0.06, min_fps=0.5)
-    frames, _ = _decode(path, gated)
-    # Kept: the first frame, a refresh every 2 s of stillness, and the cut at 4 s.
-    assert [(round(f.timestamp, 2), f.scene_change) for f in frames] == [
+    frames, video = _decode(path, gated)
+    # Sampled as without the gate: every half second (the time grid a track's range is read
+    # off) and at the cut; analysed: the first frame, a refresh every 2 s of stillness, and the
+    # cut at 4 s. The others are carried (video search repeats the last analysed frame's items).
+    assert [round(f.timestamp, 2) for f in frames] == [n / 2 for n in range(12)]
+    assert [(round(f.timestamp, 2), f.scene_change) for f in frames if f.analyse] == [
         (0.0, True),
         (2.0, False),
         (4.0, True),
     ]
+    assert video.report.frames_analysed == 3 and video.report.frames_sampled == 12  # type: ignore[attr-defined]
     ungated, _ = _decode(path, dataclasses.replace(LIMITS, max_fps=2.0))
-    assert len(ungated) == 12  # without the gate: every half second
-    # On a real shot (slow pans and zooms, noise) the gate still keeps every cut.
+    assert len(ungated) == 12 and all(f.analyse for f in ungated)  # without the gate: all
+    # On a real shot (slow pans and zooms, noise) the gate still analyses every cut.
     truth = clips["h264"]
     kept, _ = _decode(truth.path, dataclasses.replace(LIMITS, motion_threshold=0.06, min_fps=0.25))
     rate_only, _ = _decode(truth.path)
-    numbers = {f.frame_number for f in kept if f.scene_change}
+    numbers = {f.frame_number for f in kept if f.scene_change and f.analyse}
     assert all(round(cut * FPS) in numbers for cut in truth.cut_times())
-    assert len(kept) < len(rate_only)
+    assert [f.frame_number for f in kept] == [f.frame_number for f in rate_only]
+    assert sum(f.analyse for f in kept) < len(rate_only)
 
 
 def test_a_frame_is_kept_at_each_cut_between_rate_samples(clips: dict[str, ClipTruth]) -> None:

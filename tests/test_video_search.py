@@ -104,6 +104,9 @@ def test_a_track_is_matched_by_the_mean_of_its_crops(result, indexed, clip, tiny
     for track in result.tracks:
         members = [r for r in result.frames if r.track_id == track.track_id]
         assert len(members) == track.frames
+        # Carried records repeat an analysed one over frames not analysed: no crop of their own.
+        members = [r for r in members if not r.carried]
+        assert members and not members[0].carried
         boxes = [Crop(tuple(r.box), (0, 0, 1, 1), None, None, None, None) for r in members]  # type: ignore[arg-type]
         crops = [
             bounded_geometry(crop_image(frames[r.timestamp], box), limits).image
@@ -263,3 +266,33 @@ def test_cli_video_errors_are_one_line(cli, tmp_path: Path, catalog):
     assert blocked.exit_code == 1 and "blocked address" in blocked.stderr
     both = cli("--video", "x.mp4", "--text", "dress")
     assert both.exit_code == 2 and "exactly one" in both.stderr
+
+
+def test_frames_not_analysed_carry_the_items_of_the_last_analysed_one(result, clip):
+    """The motion gate analyses a shot's first frame and the frames that moved; the sampled
+    frames between carry its items, so every sampled frame has records and each track runs to
+    the end of its shot."""
+    assert 0 < result.frames_analysed < result.frames_sampled
+    assert len({r.timestamp for r in result.frames if not r.carried}) == result.frames_analysed
+    by_time: dict[float, set[int]] = {}
+    for record in result.frames:
+        by_time.setdefault(record.timestamp, set()).add(record.track_id)
+    times = sorted(by_time)
+    assert len(times) == result.frames_sampled
+    # Each shot's tracks start at its first sampled frame and end at its last (a cross-fade
+    # shows two shots at once, so there the tracks of both are seen).
+    for shot in clip.shots:
+        inside = [t for t in times if shot.start_s - 1e-6 <= t < shot.end_s - 1e-6]
+        spans = [(t.first_s, t.last_s) for t in result.tracks if inside[0] <= t.first_s]
+        assert any(first == inside[0] for first, _ in spans), (shot, inside)
+        assert any(last == inside[-1] for _, last in spans), (shot, inside)
+
+
+def test_a_smaller_detector_input_for_video_frames_still_finds_the_shots(indexed, clip, result):
+    settings = indexed.model_copy(update={"video_detector_shortest_edge": 48})
+    with open_video(clip.path, VideoLimits.from_settings(settings)) as stream:
+        small = VideoSearch(SearchService(settings)).search_video(stream, "1" * 64, top_k=3)
+    assert small.frames_analysed == result.frames_analysed
+    shown = {shot.product_id for shot in clip.shots}
+    found = {p.product_id for p in small.products} & shown
+    assert len(found) >= SHOTS - 2, (found, [(p.product_id, p.match) for p in small.products])

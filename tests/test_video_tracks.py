@@ -159,3 +159,32 @@ def test_box_iou():
     assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
     assert box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
     assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+
+
+def test_frames_not_analysed_carry_the_last_analysed_frames_tracks():
+    """Video search analyses a shot's first frame and carries its items over the sampled frames
+    that did not move: the tracks span those frames, their mean embedding unchanged."""
+    a, b = _unit(20), _unit(21)
+    tracker = Tracker(**RULES)
+    first = [Observation(0, _box(100), "dress", a), Observation(0, _box(400), "upperbody", b)]
+    assert tracker.add_frame(0, first, scene_change=True) == [0, 1]
+    before = [t.query_vector.copy() for t in tracker.tracks]
+    assert tracker.carry(1) == [0, 1]
+    assert tracker.carry(2) == [0, 1]
+    assert [t.frames for t in tracker.tracks] == [[0, 1, 2], [0, 1, 2]]
+    # Members are numbered after the observations so far, two a carried frame here.
+    assert [t.members for t in tracker.tracks] == [[0, 2, 4], [1, 3, 5]]
+    assert [t.carried for t in tracker.tracks] == [2, 2]
+    for track, vector in zip(tracker.tracks, before, strict=True):
+        np.testing.assert_array_equal(track.query_vector, vector)
+    # More than max_gap carried frames later, the next analysed frame still continues the
+    # track: it was last seen in the frame just before.
+    for frame in range(3, 7):
+        tracker.carry(frame)
+    assert tracker.add_frame(7, [Observation(7, _box(110), "dress", _near(a, 7))]) == [0]
+    # Only the tracks of the last analysed frame are carried (the top was not seen at 7).
+    assert tracker.carry(8) == [0]
+    # A scene change on a carried frame ends every track: nothing is carried after it.
+    assert tracker.carry(9, scene_change=True) == []
+    assert tracker.carry(10) == []
+    assert tracker.add_frame(11, [Observation(11, _box(110), "dress", a)]) == [2]

@@ -63,16 +63,18 @@ def analyse_images(
     detect: bool = True,
     max_items: int | None = None,
     batch_size: int | None = None,
+    detector_shortest_edge: int | None = None,
 ) -> list[list[AnalysedCrop]]:
     """The items of each RGB image, best detector scores first; never an empty list (an image
     with nothing detected, or one the detector fails on, is one whole-image item).
 
     ``max_items`` caps the items per image (default ``search_max_items``); ``batch_size`` is
     the images per detector call (default ``analyze_batch_size``), four times that the crops
-    per embedder call, as in the vision stage."""
+    per embedder call, as in the vision stage. ``detector_shortest_edge`` makes the detector
+    see the images at that short side instead of its processor's (``Detector.detect``)."""
     batch = max(1, batch_size or settings.analyze_batch_size)
     planned = [_Planned(image) for image in images]
-    detections = _detect(planned, settings, lock, batch) if detect else None
+    detections = _detect(planned, settings, lock, batch, detector_shortest_edge) if detect else None
     limit = max(1, settings.search_max_items if max_items is None else max_items)
     for index, item in enumerate(planned):
         item.crops = plan_crops(
@@ -109,7 +111,11 @@ def analyse_images(
 
 
 def _detect(
-    planned: list[_Planned], settings: Settings, lock: threading.Lock, batch: int
+    planned: list[_Planned],
+    settings: Settings,
+    lock: threading.Lock,
+    batch: int,
+    shortest_edge: int | None = None,
 ) -> list[list[Detection]] | None:
     """Detections per image in its own pixels; None when detection is off. An image the
     detector fails on gets none (so the whole image) and a note saying why."""
@@ -123,7 +129,7 @@ def _detect(
             item.notes.append(f"detected on the image {seen.note}")
 
     def detect(chunk: Sequence[PILImage.Image]) -> list[list[Detection]]:
-        return detector.detect(chunk, batch_size=len(chunk))
+        return detector.detect(chunk, batch_size=len(chunk), shortest_edge=shortest_edge)
 
     if len(planned) > 1:
         try:
@@ -140,7 +146,8 @@ def _detect(
     for item, seen in zip(planned, bounded, strict=True):
         try:
             with lock:
-                results.append(unbounded_detections(detector.detect([seen.image])[0], seen))
+                found_one = detector.detect([seen.image], shortest_edge=shortest_edge)[0]
+                results.append(unbounded_detections(found_one, seen))
         except torch.OutOfMemoryError:
             raise
         except Exception as error:

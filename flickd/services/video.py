@@ -1,11 +1,14 @@
 """Search the index with a video: which catalog products appear in a clip, and when.
 
-The sampled frames (``flickd/fetching/video.py``) go, ``video_batch_size`` at a time, through
-the analysis image search uses (``flickd/services/analysis.py``: detect → plan crops → crop →
-colour → embed). The detections of one item in nearby frames are joined into a track
-(``models/tracks.py``), and each track is searched once, all tracks in one grouped search, with
-the normalised mean of its crop embeddings. A track's best product is its match, with the same
-``exact``/``similar``/``weak`` thresholds as image search.
+The sampled frames (``flickd/fetching/video.py``) marked ``analyse`` go, ``video_batch_size``
+at a time, through the analysis image search uses (``flickd/services/analysis.py``: detect →
+plan crops → crop → colour → embed), the detector seeing each frame with its short side at
+``video_detector_shortest_edge`` when that is set. The detections of one item in nearby frames
+are joined into a track (``models/tracks.py``); a sampled frame that was not analysed carries
+the last analysed frame's items (same boxes, same embeddings, one more frame record each), so
+tracks span the shot they are in. Each track is searched once, all tracks in one grouped
+search, with the normalised mean of its crop embeddings. A track's best product is its match,
+with the same ``exact``/``similar``/``weak`` thresholds as image search.
 
 The products of the video are the distinct products some track matched at ``similar`` or
 better (the prototype dropped weaker matches too), best score first, each with the time ranges
@@ -16,12 +19,13 @@ its track's match whatever its type.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image as PILImage
@@ -34,7 +38,6 @@ from models.tracks import Observation, Track, Tracker
 if TYPE_CHECKING:
     from flickd.fetching.video import SampledFrame, VideoStream
 
-T = TypeVar("T")
 THUMBNAIL_SIDE = 160
 THUMBNAIL_QUALITY = 80
 WHOLE_FRAME = "whole frame"  # the label of an item that is the whole frame (nothing detected)
@@ -54,6 +57,8 @@ class FrameRecord(BaseModel):
     confidence: float | None  # cosine score of the match
     track_id: int
     box: list[float]  # x0, y0, x1, y1 pixels of the frame
+    # The frame was not analysed (it barely moved): the item is its track's last analysed one.
+    carried: bool = False
 
 
 class VideoTrack(BaseModel):
@@ -96,7 +101,8 @@ class VideoSearchResult(BaseModel):
     height: int
     duration_s: float | None
     frames_decoded: int
-    frames_sampled: int
+    frames_sampled: int  # the time grid: at most video_max_fps a second, plus scene changes
+    frames_analysed: int = 0  # of those, the frames the models saw
     corrupt_packets: int
     cut_at_s: float | None
     notes: list[str]
@@ -120,6 +126,7 @@ class _Seen:
     vector: np.ndarray
     thumbnail: bytes  # JPEG
     track_id: int
+    carried: bool = False  # repeated over a frame that was not analysed
 
 
 class VideoSearch:
@@ -150,16 +157,26 @@ class VideoSearch:
         )
         seen: list[_Seen] = []
         length = _length(stream, settings.video_max_seconds)
+        detect_edge = settings.video_detector_shortest_edge or None
         for batch in _batches(stream.frames(), max(1, settings.video_batch_size)):
-            analysed = analyse_images(
-                [frame.image for frame in batch],
-                settings,
-                embedder,
-                service._model_lock,
-                batch_size=len(batch),
+            chosen = [frame for frame in batch if frame.analyse]
+            analysed = iter(
+                analyse_images(
+                    [frame.image for frame in chosen],
+                    settings,
+                    embedder,
+                    service._model_lock,
+                    batch_size=len(chosen),
+                    detector_shortest_edge=detect_edge,
+                )
+                if chosen
+                else []
             )
-            for frame, items in zip(batch, analysed, strict=True):
-                seen += _track_frame(tracker, frame, items)
+            for frame in batch:
+                if frame.analyse:
+                    seen += _track_frame(tracker, frame, next(analysed))
+                else:
+                    seen += _carry_frame(tracker, frame, seen)
             if progress is not None:
                 progress(min(0.99, batch[-1].timestamp / length) if length else 0.0)
         tracks = tracker.tracks
@@ -184,6 +201,7 @@ class VideoSearch:
             duration_s=info.duration_s,
             frames_decoded=report.frames_decoded,
             frames_sampled=report.frames_sampled,
+            frames_analysed=report.frames_analysed,
             corrupt_packets=report.corrupt_packets,
             cut_at_s=report.cut_at_s,
             notes=list(report.notes),
@@ -201,15 +219,39 @@ def _length(stream: VideoStream, max_seconds: float) -> float | None:
     return min(duration, max_seconds)
 
 
-def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
+def _batches(frames: Iterable[SampledFrame], size: int) -> Iterator[list[SampledFrame]]:
+    """The frames in order, in runs holding ``size`` analysed frames (the last run fewer), each
+    with the frames carried between them."""
+    batch: list[SampledFrame] = []
+    analysed = 0
+    for frame in frames:
+        batch.append(frame)
+        analysed += int(frame.analyse)
+        if analysed == size:
             yield batch
-            batch = []
+            batch, analysed = [], 0
     if batch:
         yield batch
+
+
+def _carry_frame(tracker: Tracker, frame: SampledFrame, seen: list[_Seen]) -> list[_Seen]:
+    """Records for a frame that was not analysed: the last analysed frame's items, again."""
+    ids = tracker.carry(frame.index, frame.scene_change)
+    latest: dict[int, _Seen] = {}
+    for item in reversed(seen):  # each carried track's latest record, from the end
+        if len(latest) == len(ids):
+            break
+        if item.track_id in ids:
+            latest.setdefault(item.track_id, item)
+    return [
+        dataclasses.replace(
+            latest[track_id],
+            frame_number=frame.frame_number,
+            timestamp=frame.timestamp,
+            carried=True,
+        )
+        for track_id in ids
+    ]
 
 
 def _track_frame(tracker: Tracker, frame: SampledFrame, items: list[AnalysedCrop]) -> list[_Seen]:
@@ -326,6 +368,7 @@ def _record(item: _Seen, track: VideoTrack) -> FrameRecord:
         confidence=match.score if match else None,
         track_id=item.track_id,
         box=[float(v) for v in item.box],
+        carried=item.carried,
     )
 
 
@@ -334,8 +377,9 @@ def format_video_result(result: VideoSearchResult) -> str:
     """Products with their time ranges and match type, then the tracks, one line each."""
     duration = f"{result.duration_s:.1f} s" if result.duration_s is not None else "unknown length"
     lines = [
-        f"{result.codec} {result.width}x{result.height}, {duration}: {result.frames_sampled} "
-        f"frames analysed of {result.frames_decoded} decoded, {len(result.tracks)} tracks · "
+        f"{result.codec} {result.width}x{result.height}, {duration}: {result.frames_analysed} "
+        f"frames analysed of {result.frames_sampled} sampled, {result.frames_decoded} decoded, "
+        f"{len(result.tracks)} tracks · "
         f"model {result.model_version} · {result.took_ms / 1000:.1f} s",
         *(f"note: {note}" for note in result.notes),
     ]

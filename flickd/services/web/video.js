@@ -94,7 +94,7 @@ function renderVideo(result) {
   const count = result.products.length;
   const seconds = result.cut_at_s ?? result.duration_s;
   const span = seconds === null ? "" : ` in ${seconds.toFixed(1)} s of video`;
-  setStatus(`${count} product${count === 1 ? "" : "s"}${span} · ${result.frames_sampled} ` +
+  setStatus(`${count} product${count === 1 ? "" : "s"}${span} · ${result.frames_analysed} ` +
             `frames analysed · ${result.tracks.length} tracks`);
   showNotes(result.notes);
   const grid = document.createElement("div");
