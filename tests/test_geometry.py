@@ -384,10 +384,10 @@ def test_an_image_detection_fails_on_is_analysed_whole(
     victim = urls["p1"]  # ordinary-1.jpg, the only 280 x 400 image
     real_pixels = Detector._pixels
 
-    def flaky_pixels(self, image):
+    def flaky_pixels(self, image, shortest_edge=None):
         if image.size == ORDINARY["ordinary-1.jpg"]:
             raise ValueError("cannot resize this one (simulated)")
-        return real_pixels(self, image)
+        return real_pixels(self, image, shortest_edge)
 
     monkeypatch.setattr(Detector, "_pixels", flaky_pixels)
     rows = crops_by_url(settings)
@@ -480,7 +480,7 @@ def test_search_api_answers_bad_geometry_and_padded_items(indexed, thin_server, 
 
         from models.detector import Detector
 
-        def broken(self, image):
+        def broken(self, image, shortest_edge=None):
             raise RuntimeError("detector broke (simulated)")
 
         monkeypatch.setattr(Detector, "_pixels", broken)
