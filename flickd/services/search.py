@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from db.schema import Crop, Image, ModelVersion, Product
 from db.session import session_scope
+from db.sql import id_in
 from db.versions import active_embedder
 from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
@@ -539,9 +540,11 @@ class SearchService:
             )
             .join(Image, Image.id == Crop.image_id)
             .join(Product, Product.id == Image.product_id)
-            .where(Crop.id.in_(wanted))
         )
         with session_scope(self.settings) as session:
+            # One cached statement whatever the number of hits (db.sql.id_in), not one per
+            # length of the IN list: this runs for every query.
+            query = query.where(id_in(session.connection(), Crop.id, wanted))
             return {r.id: _crop_row(r) for r in session.execute(query)}
 
 
