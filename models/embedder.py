@@ -105,7 +105,7 @@ class Embedder:
                 out = self.model.get_image_features(
                     pixel_values=pixels.to(self.device, non_blocking=True)
                 )
-            chunks.append(self._normalised(out))
+            chunks.append(self.normalised(out))
         return self._stack(chunks)
 
     def embed_texts(self, texts: Sequence[str], batch_size: int | None = None) -> np.ndarray:
@@ -113,23 +113,30 @@ class Embedder:
         batch_size = batch_size or self.batch_size * 8  # text encoding is far cheaper per item
         chunks = []
         for start in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(
-                list(texts[start : start + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=self._max_text_tokens,
-                return_tensors="pt",
-            )
+            tokens = self.tokenize(texts[start : start + batch_size])
             with torch.inference_mode(), autocast_context(self.device):
                 out = self.model.get_text_features(
                     input_ids=tokens["input_ids"].to(self.device),
                     attention_mask=tokens["attention_mask"].to(self.device),
                 )
-            chunks.append(self._normalised(out))
+            chunks.append(self.normalised(out))
         return self._stack(chunks)
 
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask of ``texts`` (padded to the longest, truncated to what
+        the text encoder's position table holds), on the CPU."""
+        return dict(
+            self.tokenizer(
+                list(texts),
+                padding=True,
+                truncation=True,
+                max_length=self._max_text_tokens,
+                return_tensors="pt",
+            )
+        )
+
     @staticmethod
-    def _normalised(output: object) -> np.ndarray:
+    def normalised(output: object) -> np.ndarray:
         # Normalise in float32: under autocast the features arrive in bf16/fp16, whose norm
         # would carry ~3 significant digits into every cosine similarity.
         features = _projected(output).float()

@@ -27,6 +27,7 @@ from flickd.core.settings import Settings
 from flickd.services.api import create_app
 from flickd.services.search import MatchType, SearchService, match_type
 from models.embedder import Embedder
+from models.query_text import TextQueryEncoder
 from producer.ingest import ingest
 from synthetic import faults
 from synthetic.catalog import Catalog, write_feed
@@ -129,7 +130,8 @@ def test_text_search_scores_are_cosines_grouped_by_product(client, indexed, embe
     assert len(hits) == k
     stored = stored_vectors(indexed)
     assert body["index_vectors"] == len(stored)
-    query = embedder.embed_texts(["a red dress"])[0]
+    # The API embeds query texts as models/query_text.py does (int8 on this CPU).
+    query = TextQueryEncoder(embedder, indexed.query_text_precision).embed(["a red dress"])[0]
     # Brute force over every stored vector: best crop per product, products by that score.
     best: dict[str, tuple[float, int]] = {}
     for crop_id, (product_id, vector) in stored.items():
@@ -376,10 +378,12 @@ def test_cli_search_by_text_and_image(indexed, catalog, monkeypatch):
     assert both.exit_code != 0 and "exactly one" in both.output
 
 
-def test_concurrent_text_queries_share_a_forward_pass_and_repeat_from_the_cache(indexed):
+@pytest.mark.parametrize("precision", ["float", "bfloat16"])
+def test_concurrent_text_queries_share_a_forward_pass_and_repeat_from_the_cache(indexed, precision):
     texts = ["a red dress", "a navy jacket", "black shoes", "a white top", "a beige skirt"]
-    one_by_one = {t: SearchService(indexed).search_text(t, 5) for t in texts}
-    settings = indexed.model_copy(
+    alone = indexed.model_copy(update={"query_text_precision": precision})
+    one_by_one = {t: SearchService(alone).search_text(t, 5) for t in texts}
+    settings = alone.model_copy(
         update={"search_batch_window_ms": 30_000, "search_max_batch": len(texts)}
     )
     service = SearchService(settings)
@@ -388,6 +392,8 @@ def test_concurrent_text_queries_share_a_forward_pass_and_repeat_from_the_cache(
             zip(texts, pool.map(lambda t: service.search_text(t, 5), texts), strict=True)
         )
     assert (service._texts.batches, service._texts.items) == (1, len(texts))
+    # The hits' rows were read and searched as one batch too.
+    assert (service._searches.batches, service._searches.items) == (1, len(texts))
     for text in texts:  # padding to the longest text in the batch changes no answer
         want, got = one_by_one[text].items[0].results, batched[text].items[0].results
         assert [h.crop_id for h in got] == [h.crop_id for h in want]

@@ -24,6 +24,7 @@ from flickd.services.search import SearchService
 from models.colour import COLOUR_FAMILIES
 from models.embedder import Embedder
 from models.index.live import CropFilter
+from models.query_text import TextQueryEncoder
 from tests.models_fixtures import tiny_embedder, tiny_models
 from workers.indexing import build_from_database
 
@@ -214,6 +215,7 @@ def client(catalog_db: Settings) -> Iterator[TestClient]:
 
 def test_random_filters_never_leak_and_match_brute_force(catalog_db, tiny_embedder):
     service = SearchService(catalog_db)
+    queries = TextQueryEncoder(tiny_embedder, catalog_db.query_text_precision)  # as the service
     rng = np.random.default_rng(7)
     checked_short = checked_full = 0
     for i in range(40):
@@ -221,7 +223,7 @@ def test_random_filters_never_leak_and_match_brute_force(catalog_db, tiny_embedd
         text = QUERIES[i % len(QUERIES)]
         k = int(rng.choice([3, 10, 25]))
         hits = service.search_text(text, k, wanted).items[0].results
-        query = tiny_embedder.embed_texts([text])[0]
+        query = queries.embed([text])[0]
         expected = brute_force(catalog_db, query, wanted, k)
         assert [h.product_id for h in hits] == [pid for pid, _ in expected], wanted
         np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=1e-4)
@@ -234,7 +236,7 @@ def test_random_filters_never_leak_and_match_brute_force(catalog_db, tiny_embedd
 def test_a_very_selective_filter_still_returns_k_results(catalog_db, tiny_embedder):
     # the narrowest combination that still holds at least 3 products
     service = SearchService(catalog_db)
-    query = tiny_embedder.embed_texts(["a dress"])[0]
+    query = TextQueryEncoder(tiny_embedder, catalog_db.query_text_precision).embed(["a dress"])[0]
     for brand, colour in [(b, c) for b in BRANDS if b for c in COLOUR_FAMILIES]:
         wanted = make_filter(brand=brand, colour=colour, in_stock=True)
         expected = brute_force(catalog_db, query, wanted, 50)

@@ -134,6 +134,9 @@ class Settings(BaseSettings):
     search_batch_window_ms: float = Field(default=2.0, ge=0)
     search_max_batch: int = Field(default=32, ge=1)
     text_cache_size: int = Field(default=4096, ge=0)  # query texts whose vectors are kept (LRU)
+    # How query texts are embedded (models/query_text.py): `auto` is bfloat16 on a CPU with
+    # bf16 instructions (about 3x faster, vectors within cosine 0.9999 of float) and float else.
+    query_text_precision: Literal["auto", "float", "bfloat16"] = "auto"
     # Threads torch uses in an API process (default: one per core). `flickd api --workers N`
     # sets it to cores / N when it is not set.
     torch_threads: int | None = Field(default=None, ge=1)

@@ -44,6 +44,7 @@ from models import registry
 from models.colour import COLOUR_FAMILIES
 from models.index import IndexHolder
 from models.index.live import CropFilter, LiveIndex
+from models.query_text import TextQueryEncoder
 
 if TYPE_CHECKING:
     from models.embedder import Embedder
@@ -179,6 +180,23 @@ class _ImageQuery:
     detect: bool
 
 
+@dataclass(frozen=True)
+class _IndexQuery:
+    """Query vectors (one row per item) to search ``index`` with: batched with the others of the
+    same index, ``top_k`` and filters into one FAISS call and one database read."""
+
+    index: LiveIndex
+    vectors: np.ndarray
+    top_k: int
+    filters: CropFilter | None
+
+
+@dataclass(frozen=True)
+class _Found:
+    hits: list[list[ProductHit]]  # per row of the query's vectors
+    notes: list[str]
+
+
 def _by_key(items: Sequence[T], key: Callable[[T], Hashable]) -> list[tuple[Any, list[int]]]:
     """Positions of ``items`` grouped by ``key`` (compared by identity of the objects it
     holds, e.g. one embedder), in first-seen order."""
@@ -232,6 +250,13 @@ class SearchService:
         self._images: MicroBatcher[_ImageQuery, list[AnalysedCrop]] = MicroBatcher(
             self._analyse, window=window, max_batch=settings.search_max_batch, name="images"
         )
+        # The index search and the database read of the hits' rows are batched too, on their
+        # own thread: while one batch is searched the model embeds the next.
+        self._searches: MicroBatcher[_IndexQuery, _Found] = MicroBatcher(
+            self._search_batch, window=window, max_batch=settings.search_max_batch, name="searches"
+        )
+        self._encoders: dict[int, TextQueryEncoder] = {}  # by id() of the embedder they wrap
+        self._encoders_lock = threading.Lock()
         self._text_cache: LruCache[tuple[str, str], np.ndarray] = LruCache(settings.text_cache_size)
         self._versions: dict[int, _Version] = {}
         self._warned: set[int] = set()
@@ -248,8 +273,8 @@ class SearchService:
         started = time.perf_counter()
         index, version = self._index_and_version()
         vector = self._text_vector(self._embedder(version), text)
-        notes: list[str] = []
-        (hits,) = self._search_grouped(index, vector[None, :], top_k, filters, notes)
+        found = self._searches.submit(_IndexQuery(index, vector[None, :], top_k, filters))
+        (hits,) = found.hits
         return SearchResponse(
             kind="text",
             text=text,
@@ -259,7 +284,7 @@ class SearchService:
             items=[QueryItem(results=hits)],
             took_ms=_ms_since(started),
             filters=describe(filters) if filters else {},
-            notes=notes,
+            notes=found.notes,
         )
 
     def search_image(
@@ -281,10 +306,9 @@ class SearchService:
         embedder = self._embedder(version)
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         analysed = self._images.submit(_ImageQuery(embedder, rgb, detect))
-        notes: list[str] = []
         vectors = np.stack([a.vector for a in analysed])
-        grouped = self._search_grouped(index, vectors, top_k, filters, notes)
-        items = [_query_item(item, hits) for item, hits in zip(analysed, grouped, strict=True)]
+        found = self._searches.submit(_IndexQuery(index, vectors, top_k, filters))
+        items = [_query_item(item, hits) for item, hits in zip(analysed, found.hits, strict=True)]
         return SearchResponse(
             kind="image",
             model_version_id=version.id,
@@ -293,7 +317,7 @@ class SearchService:
             items=items,
             took_ms=_ms_since(started),
             filters=describe(filters) if filters else {},
-            notes=notes,
+            notes=found.notes,
         )
 
     def fetch_image(self, url: str) -> PILImage.Image:
@@ -407,11 +431,37 @@ class SearchService:
         """One forward pass per embedder for a batch of (embedder, text) queries."""
         vectors: list[np.ndarray | None] = [None] * len(queries)
         for embedder, positions in _by_key(queries, lambda q: q[0]):
+            encoder = self._text_encoder(embedder)
             with self._model_lock:
-                found = embedder.embed_texts([queries[i][1] for i in positions])
+                found = encoder.embed([queries[i][1] for i in positions])
             for i, vector in zip(positions, found, strict=True):
                 vectors[i] = vector.copy()
         return [v for v in vectors if v is not None]
+
+    def _text_encoder(self, embedder: Embedder) -> TextQueryEncoder:
+        """The query text encoder over ``embedder`` (int8 on a CPU: models/query_text.py)."""
+        with self._encoders_lock:
+            encoder = self._encoders.get(id(embedder))
+            if encoder is None or encoder.embedder is not embedder:
+                encoder = TextQueryEncoder(embedder, self.settings.query_text_precision)
+                self._encoders[id(embedder)] = encoder
+            return encoder
+
+    def _search_batch(self, queries: list[_IndexQuery]) -> list[_Found]:
+        """The queries of a batch that share an index, ``top_k`` and filters, searched as one."""
+        found: list[_Found | None] = [None] * len(queries)
+        for (index, top_k, filters), positions in _by_key(
+            queries, lambda q: (q.index, q.top_k, q.filters)
+        ):
+            vectors = np.concatenate([queries[i].vectors for i in positions])
+            notes: list[str] = []
+            grouped = self._search_grouped(index, vectors, top_k, filters, notes)
+            start = 0
+            for i in positions:
+                end = start + len(queries[i].vectors)
+                found[i] = _Found(grouped[start:end], list(notes))
+                start = end
+        return [f for f in found if f is not None]
 
     def _analyse(self, queries: list[_ImageQuery]) -> list[list[AnalysedCrop]]:
         """One detection and one embedding pass per (embedder, detect) for a batch of images."""

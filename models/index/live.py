@@ -155,6 +155,9 @@ class LiveIndex:
         self._raw: dict[str, dict[str | None, int]] = {name: {} for name in _STRING_COLUMNS}
         self._write = threading.Lock()
         self.version = 0  # bumped by every write: cached masks are keyed by it
+        # (version, rows, served among them): a sum over a million flags is not free, and
+        # every query asks for it; recounted after any write.
+        self._counted: tuple[int, int, int] = (-1, -1, 0)
 
     # --- size --------------------------------------------------------------------------------
     @property
@@ -163,7 +166,17 @@ class LiveIndex:
 
     @property
     def n_served(self) -> int:
-        return int(self._served[: self.n_rows].sum())
+        return self._served_among(self.n_rows)
+
+    def _served_among(self, n: int) -> int:
+        """Served crops among the first ``n`` rows, counted once per version."""
+        version = self.version  # read before counting: a write meanwhile makes it stale
+        counted_version, counted_n, count = self._counted
+        if counted_version == version and counted_n == n:
+            return count
+        count = int(self._served[:n].sum())
+        self._counted = (version, n, count)
+        return count
 
     @property
     def ntotal(self) -> int:
@@ -364,7 +377,7 @@ class LiveIndex:
             n = min(n, len(allowed))  # rows appended after the mask was made stay out
         served = self._served[:n]
         rows = served if allowed is None else served & allowed[:n]
-        parts = [self._search_base(q, k, rows[: self.n_base])]
+        parts = [self._search_base(q, k, rows[: self.n_base], allowed is None)]
         if n > self.n_base:
             parts.append(self._search_delta(q, k, rows[self.n_base : n], n))
         scores = np.concatenate([p[0] for p in parts], axis=1)
@@ -373,9 +386,9 @@ class LiveIndex:
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
     def _search_base(
-        self, q: np.ndarray, k: int, rows: np.ndarray
+        self, q: np.ndarray, k: int, rows: np.ndarray, unfiltered: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
-        count = int(rows.sum())
+        count = self._served_among(self.n_base) if unfiltered else int(rows.sum())
         if count == 0 or k <= 0:
             return _empty(len(q), k)
         if count == self.n_base:
