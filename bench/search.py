@@ -6,11 +6,16 @@
 
 Three configurations in one run, over the same index and database:
 
-* ``baseline``: one process, no micro-batching (window 0, batch 1), no text cache: every query
-  is its own forward pass, as before batching;
+* ``baseline``: one process, no micro-batching (window 0, batch 1), no text cache, query texts
+  embedded in float32: every query is its own float forward pass, as before batching;
 * ``batched``: one process, concurrent queries micro-batched (FLICKD_SEARCH_BATCH_WINDOW_MS,
-  FLICKD_SEARCH_MAX_BATCH at their defaults);
+  FLICKD_SEARCH_MAX_BATCH at their defaults), query texts embedded as FLICKD_QUERY_TEXT_PRECISION
+  says (``auto``: bfloat16 on a CPU with bf16 instructions);
 * ``batched x2``: `flickd api --workers 2`, sharing the memory-mapped index.
+
+The same ``AGREEMENT_QUERIES`` texts are asked of the baseline and of the batched process, one
+at a time; the share of the baseline's top-10 products that the batched process also returns
+is printed (1.00: the faster query vectors find the same products).
 
 The text cache is off in all three and every query is a different text (colour x garment x
 wording, more than the run sends), so the figures are forward passes, not cache hits; one last
@@ -53,8 +58,10 @@ WORDINGS = ["a photo of a {} {}", "a {} {}", "{} {} for women", "a {} {} in a sh
 # Distinct texts: 18 x 15 x 4 = 1,080, each client walks its own stretch of the list.
 DISTINCT = [w.format(c, g) for w in WORDINGS for c in COLOURS for g in GARMENTS]
 REPEATED = DISTINCT[:12]
+AGREEMENT_QUERIES = DISTINCT[::11]  # 99 texts across colours, garments and wordings
+BASELINE = {"FLICKD_SEARCH_BATCH_WINDOW_MS": "0", "FLICKD_SEARCH_MAX_BATCH": "1"}
 CONFIGS: list[tuple[str, int, dict[str, str]]] = [
-    ("baseline", 1, {"FLICKD_SEARCH_BATCH_WINDOW_MS": "0", "FLICKD_SEARCH_MAX_BATCH": "1"}),
+    ("baseline", 1, {**BASELINE, "FLICKD_QUERY_TEXT_PRECISION": "float"}),
     ("batched", 1, {}),
     ("batched x2", 2, {}),
 ]
@@ -199,6 +206,21 @@ def _memory_mb(root: int) -> tuple[float, float, int]:
     return rss / 1024, pss / 1024, len(pids)
 
 
+def _top_products(base_url: str, queries: list[str]) -> list[list[str]]:
+    """Each query's top-10 product ids, asked one at a time."""
+    found = []
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        for q in queries:
+            items = http.get("/search", params={"q": q, "k": 10}).json()["items"]
+            found.append([hit["product_id"] for hit in items[0]["results"]])
+    return found
+
+
+def _agreement(want: list[list[str]], got: list[list[str]]) -> float:
+    shared = sum(len(set(w) & set(g)) for w, g in zip(want, got, strict=True))
+    return shared / max(1, sum(len(w) for w in want))
+
+
 def _wait_ready(base_url: str, workers: int, timeout: float = 600) -> dict:
     """The API's /health once it answers searches; with several processes, until a burst of
     concurrent queries has reached each of them (each loads its models and maps the index)."""
@@ -252,6 +274,7 @@ def main() -> None:
         _rows(settings, args.n, version_id)
         build_s = _build_index(data, settings, version_id)
         print(f"index: {args.n:,} vectors (clustered, dim 512) built in {build_s:.0f}s")
+        answers: dict[str, list[list[str]]] = {}
         for label, workers, env in [c for c in CONFIGS if c[0] in wanted]:
             port = free_port()
             cmd = [sys.executable, "-m", "flickd.cli", "api", "--port", str(port)]
@@ -261,6 +284,15 @@ def main() -> None:
                 health = _wait_ready(base_url, workers)
                 if label == wanted[0]:
                     print(f"api: {health}")
+                if workers == 1:
+                    answers[label] = _top_products(base_url, AGREEMENT_QUERIES)
+                    if label != "baseline" and "baseline" in answers:
+                        share = _agreement(answers["baseline"], answers[label])
+                        print(
+                            f"{label:<12} agreement: {share:.3f} of the baseline's top-10 "
+                            f"products over {len(AGREEMENT_QUERIES)} queries",
+                            flush=True,
+                        )
                 for clients in counts:
                     latencies, errors = _load(base_url, clients, args.seconds, DISTINCT)
                     _report(label, clients, args.seconds, latencies, errors)
