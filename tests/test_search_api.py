@@ -387,6 +387,9 @@ def test_concurrent_text_queries_share_a_forward_pass_and_repeat_from_the_cache(
         update={"search_batch_window_ms": 30_000, "search_max_batch": len(texts)}
     )
     service = SearchService(settings)
+    # The search stage waits for the rest of a model batch far shorter than the model stage
+    # (SEARCH_GATHER_SECONDS); given the same long wait, all five reach it as one batch.
+    service._searches.window = settings.search_batch_window_ms / 1000
     with ThreadPoolExecutor(len(texts)) as pool:
         batched = dict(
             zip(texts, pool.map(lambda t: service.search_text(t, 5), texts), strict=True)

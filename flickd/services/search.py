@@ -57,6 +57,8 @@ T = TypeVar("T")
 # grouping still fills the list, and grow up to MAX_OVERFETCH when one product hogs the hits.
 OVERFETCH = 4
 MAX_OVERFETCH = 64
+# How long the index-search batcher waits for the rest of a model batch's queries.
+SEARCH_GATHER_SECONDS = 0.0005
 # A URL query is interactive: retry a flaky host once, not the download stage's four times.
 URL_QUERY_ATTEMPTS = 2
 
@@ -251,9 +253,13 @@ class SearchService:
             self._analyse, window=window, max_batch=settings.search_max_batch, name="images"
         )
         # The index search and the database read of the hits' rows are batched too, on their
-        # own thread: while one batch is searched the model embeds the next.
+        # own thread: while one batch is searched the model embeds the next. The queries of a
+        # model batch reach it together, so its window only has to cover their threads waking.
         self._searches: MicroBatcher[_IndexQuery, _Found] = MicroBatcher(
-            self._search_batch, window=window, max_batch=settings.search_max_batch, name="searches"
+            self._search_batch,
+            window=min(window, SEARCH_GATHER_SECONDS),
+            max_batch=settings.search_max_batch,
+            name="searches",
         )
         self._encoders: dict[int, TextQueryEncoder] = {}  # by id() of the embedder they wrap
         self._encoders_lock = threading.Lock()
