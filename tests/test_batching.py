@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from flickd.services.batching import LruCache, MicroBatcher
+from flickd.services.batching import InFlight, LruCache, MicroBatcher
 from tests.conftest import wait_until
 
 
@@ -60,6 +60,39 @@ def test_a_bad_item_fails_alone_and_the_batcher_keeps_serving() -> None:
         assert [futures[i].result(10) for i in (1, 2, 4)] == [1.0, 0.5, 0.25]
     batcher.window = 0.0  # alone now: do not wait 30 s for company
     assert batcher.submit(2) == 0.5  # the same batcher still answers after the failure
+
+
+def test_a_query_alone_does_not_wait_out_the_window() -> None:
+    """With nobody else in flight the batch runs at once; with company it waits for it."""
+    in_flight = InFlight()
+    calls: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        calls.append(items)
+        return items
+
+    # A 30 s window: a submit alone that waited it out would not answer within 10 s.
+    batcher = MicroBatcher(run, window=30.0, max_batch=2, company=in_flight)
+
+    def alone() -> int:
+        with in_flight:
+            return batcher.submit(1)
+
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(alone).result(timeout=10) == 1
+    assert calls == [[1]]
+    # Two queries in flight: the first waits for the second, and both share one call.
+    arrived = threading.Barrier(2)
+
+    def query(i: int) -> int:
+        with in_flight:
+            arrived.wait(10)  # both are in flight before either reaches the batcher
+            return batcher.submit(i)
+
+    with ThreadPoolExecutor(2) as pool:
+        assert sorted(pool.map(query, (2, 3))) == [2, 3]
+    assert len(calls) == 2 and sorted(calls[1]) == [2, 3]
+    assert in_flight() == 0
 
 
 def test_a_result_count_mismatch_is_an_error_not_a_wrong_answer() -> None:

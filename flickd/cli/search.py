@@ -9,12 +9,15 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from flickd.cli.context import current_settings, echo_json, needs_schema
 from flickd.core.settings import Settings
+
+if TYPE_CHECKING:
+    from flickd.services.search import QueryItem, SearchResponse
 
 
 @click.command()
@@ -58,12 +61,7 @@ def search(
     product (a video's with the time ranges where each product appears). The filters apply to
     --text and --image."""
     from flickd.services.filters import FilterError, make_filter
-    from flickd.services.search import (
-        QueryImageError,
-        SearchService,
-        SearchUnavailable,
-        format_response,
-    )
+    from flickd.services.search import QueryImageError, SearchService, SearchUnavailable
 
     if sum(ref is not None for ref in (image_ref, query_text, video_ref)) != 1:
         raise click.UsageError("give exactly one of --image, --text or --video")
@@ -285,3 +283,35 @@ def api(settings: Settings, host: str, port: int, workers: int) -> None:
 def register(main: click.Group) -> None:
     for command in (search, api, show):
         main.add_command(command)
+
+
+# --- plain-text rendering (``flickd search``) ------------------------------------------------
+def format_response(response: SearchResponse) -> str:
+    """Results grouped by product, one line each: rank, score, match, product, crop."""
+    lines = [
+        f"model {response.model_version} · {response.index_vectors} indexed crops · "
+        f"{response.took_ms:.0f} ms"
+    ]
+    if response.filters:
+        lines.append("filters: " + ", ".join(f"{k}={v}" for k, v in response.filters.items()))
+    lines.extend(f"note: {note}" for note in response.notes)
+    for number, item in enumerate(response.items, start=1):
+        if response.kind == "image":
+            lines.append(_item_heading(number, item))
+        if not item.results:
+            lines.append("   no matching products")
+        for rank, hit in enumerate(item.results, start=1):
+            crop = " ".join(part for part in (hit.colour, hit.label) if part) or "-"
+            lines.append(
+                f"  {rank:>3}. {hit.score:6.3f} {hit.match.value:<7} {hit.product_id}  "
+                f"{hit.title or ''} [{hit.brand or '-'} / {hit.category or '-'}]  "
+                f"crop {hit.crop_id}: {crop}"
+            )
+    return "\n".join(lines)
+
+
+def _item_heading(number: int, item: QueryItem) -> str:
+    what = item.label or ("whole image" if item.whole_image else "item")
+    detected = f" (detected {item.detection_score:.2f})" if item.detection_score is not None else ""
+    colour = f", {item.colour}" if item.colour else ""
+    return f"item {number}: {what}{colour}{detected}"

@@ -6,7 +6,9 @@ one call), so serving concurrent clients one call each makes them queue behind e
 ``MicroBatcher`` puts every request of a process on one queue; one thread takes the first
 request, waits at most ``window`` seconds for more (up to ``max_batch``), makes one call for all
 of them and hands each caller its own answer. While a batch runs, the next one fills, so under
-load the batch grows by itself and at one client the window is the only added latency.
+load the batch grows by itself. ``company`` (when given) says how many queries are in flight
+anywhere in the service; while none but the batch's own are, nobody else can arrive, and the
+batch runs at once instead of waiting out the window: one client pays no window.
 
 The batch thread is the only caller of the function it runs, so a Hugging Face fast tokenizer
 (which raises "Already borrowed" when two threads encode at once) is never entered twice.
@@ -45,8 +47,10 @@ class MicroBatcher(Generic[T, R]):
         window: float,
         max_batch: int,
         name: str = "batcher",
+        company: Callable[[], int] | None = None,
     ) -> None:
         self._run = run
+        self._company = company
         self.window = max(0.0, window)
         self.max_batch = max(1, max_batch)
         self.name = name
@@ -78,7 +82,11 @@ class MicroBatcher(Generic[T, R]):
             deadline = time.monotonic() + self.window
             while len(batch) < self.max_batch:
                 try:
-                    batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    if self._company is not None and self._company() <= len(batch):
+                        batch.append(self._queue.get_nowait())  # alone: take what is here
+                    else:
+                        wait = max(0.0, deadline - time.monotonic())
+                        batch.append(self._queue.get(timeout=wait))
                 except queue.Empty:
                     break
             self._answer(batch)
@@ -103,6 +111,25 @@ class MicroBatcher(Generic[T, R]):
             return
         for (_, future), result in zip(batch, results, strict=True):
             future.set_result(result)
+
+
+class InFlight:
+    """A thread-safe count of the queries being answered (``with in_flight:`` around each)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._lock:
+            self._count -= 1
+
+    def __call__(self) -> int:
+        return self._count
 
 
 class LruCache(Generic[K, V]):

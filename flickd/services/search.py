@@ -37,7 +37,7 @@ from flickd.fetching.fetch import HttpClient, fetch, make_session
 from flickd.fetching.geometry import GeometryLimits, check_geometry
 from flickd.fetching.imaging import decode_image
 from flickd.services.analysis import AnalysedCrop, analyse_images
-from flickd.services.batching import LruCache, MicroBatcher
+from flickd.services.batching import InFlight, LruCache, MicroBatcher
 from flickd.services.filters import describe, notes_for, passes
 from flickd.services.freshness import Freshness
 from models import registry
@@ -246,11 +246,21 @@ class SearchService:
         # forward pass, and only each batcher's thread ever calls a tokenizer.
         self._model_lock = threading.Lock()
         window = settings.search_batch_window_ms / 1000
+        # Queries being answered: a batcher waits out its window only while there are others.
+        self._in_flight = InFlight()
         self._texts: MicroBatcher[tuple[Embedder, str], np.ndarray] = MicroBatcher(
-            self._embed_texts, window=window, max_batch=settings.search_max_batch, name="texts"
+            self._embed_texts,
+            window=window,
+            max_batch=settings.search_max_batch,
+            name="texts",
+            company=self._in_flight,
         )
         self._images: MicroBatcher[_ImageQuery, list[AnalysedCrop]] = MicroBatcher(
-            self._analyse, window=window, max_batch=settings.search_max_batch, name="images"
+            self._analyse,
+            window=window,
+            max_batch=settings.search_max_batch,
+            name="images",
+            company=self._in_flight,
         )
         # The index search and the database read of the hits' rows are batched too, on their
         # own thread: while one batch is searched the model embeds the next. The queries of a
@@ -260,6 +270,7 @@ class SearchService:
             window=min(window, SEARCH_GATHER_SECONDS),
             max_batch=settings.search_max_batch,
             name="searches",
+            company=self._in_flight,
         )
         self._encoders: dict[int, TextQueryEncoder] = {}  # by id() of the embedder they wrap
         self._encoders_lock = threading.Lock()
@@ -276,6 +287,10 @@ class SearchService:
     def search_text(
         self, text: str, top_k: int = 10, filters: CropFilter | None = None
     ) -> SearchResponse:
+        with self._in_flight:
+            return self._search_text(text, top_k, filters)
+
+    def _search_text(self, text: str, top_k: int, filters: CropFilter | None) -> SearchResponse:
         started = time.perf_counter()
         index, version = self._index_and_version()
         vector = self._text_vector(self._embedder(version), text)
@@ -303,6 +318,16 @@ class SearchService:
         """Search per detected item of ``image`` (the whole image when nothing is detected).
 
         QueryImageError (``bad_geometry``) for an image too thin for the models."""
+        with self._in_flight:
+            return self._search_image(image, top_k, detect, filters)
+
+    def _search_image(
+        self,
+        image: PILImage.Image,
+        top_k: int,
+        detect: bool,
+        filters: CropFilter | None,
+    ) -> SearchResponse:
         started = time.perf_counter()
         try:
             check_geometry(*image.size, GeometryLimits.from_settings(self.settings))
@@ -643,35 +668,3 @@ def _query_item(item: AnalysedCrop, hits: Sequence[ProductHit]) -> QueryItem:
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 1)
-
-
-# --- plain-text rendering (``flickd search``) ------------------------------------------------
-def format_response(response: SearchResponse) -> str:
-    """Results grouped by product, one line each: rank, score, match, product, crop."""
-    lines = [
-        f"model {response.model_version} · {response.index_vectors} indexed crops · "
-        f"{response.took_ms:.0f} ms"
-    ]
-    if response.filters:
-        lines.append("filters: " + ", ".join(f"{k}={v}" for k, v in response.filters.items()))
-    lines.extend(f"note: {note}" for note in response.notes)
-    for number, item in enumerate(response.items, start=1):
-        if response.kind == "image":
-            lines.append(_item_heading(number, item))
-        if not item.results:
-            lines.append("   no matching products")
-        for rank, hit in enumerate(item.results, start=1):
-            crop = " ".join(part for part in (hit.colour, hit.label) if part) or "-"
-            lines.append(
-                f"  {rank:>3}. {hit.score:6.3f} {hit.match.value:<7} {hit.product_id}  "
-                f"{hit.title or ''} [{hit.brand or '-'} / {hit.category or '-'}]  "
-                f"crop {hit.crop_id}: {crop}"
-            )
-    return "\n".join(lines)
-
-
-def _item_heading(number: int, item: QueryItem) -> str:
-    what = item.label or ("whole image" if item.whole_image else "item")
-    detected = f" (detected {item.detection_score:.2f})" if item.detection_score is not None else ""
-    colour = f", {item.colour}" if item.colour else ""
-    return f"item {number}: {what}{colour}{detected}"
