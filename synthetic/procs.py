@@ -127,19 +127,16 @@ def stop_together(
 
 @contextmanager
 def started_together(
-    commands: Sequence[tuple[Sequence[str], Path]],
-    settings: Settings,
-    ready: str = "ready",
-    timeout: float = 60,
+    commands: Sequence[tuple[Sequence[str], Settings, Path, str]], timeout: float = 60
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Start every ``(cmd, log_path)`` at once, wait until each has logged ``ready``, and stop
-    them together at the end: the same processes as one :func:`spawn` each, with their
-    start-ups and shutdowns overlapping."""
+    """Start every ``(cmd, settings, log_path, ready)`` at once, wait until each has logged its
+    ``ready``, and stop them together at the end: the same processes as one :func:`spawn` each,
+    with their start-ups and shutdowns overlapping instead of adding up."""
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for cmd, log_path in commands:
+        for cmd, settings, log_path, _ in commands:
             procs.append(launch(cmd, settings, log_path))
-        for proc, (_, log_path) in zip(procs, commands, strict=True):
+        for proc, (_, _, log_path, ready) in zip(procs, commands, strict=True):
             wait_for_log(log_path, ready, proc, timeout)
         yield procs
     finally:
@@ -225,8 +222,8 @@ def celery_workers(
     for worker in workers:
         args = dict(worker)
         log_path = args.pop("log_path", None) or _worker_log(settings)
-        commands.append((worker_command(**args), log_path))
-    with started_together(commands, settings) as procs:
+        commands.append((worker_command(**args), settings, log_path, "ready"))
+    with started_together(commands) as procs:
         yield procs
 
 
