@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 from flickd.core.settings import Settings
 
@@ -66,6 +67,28 @@ def wait_for_log(path: Path, needle: str, proc: subprocess.Popen[bytes], timeout
     raise TimeoutError(f"no {needle!r} after {timeout}s:\n{path.read_text()[-3000:]}")
 
 
+def launch(
+    cmd: Sequence[str],
+    settings: Settings,
+    log_path: Path,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own process group with ``settings``, its output in ``log_path``;
+    the caller waits for it to be ready and stops it."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = settings_env(settings)
+    env.update(extra_env or {})
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            list(cmd),
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 @contextmanager
 def spawn(
     cmd: Sequence[str],
@@ -76,24 +99,48 @@ def spawn(
     extra_env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``cmd`` in its own process group with ``settings``; stop it at the end."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = settings_env(settings)
-    env.update(extra_env or {})
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            list(cmd),
-            env=env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = launch(cmd, settings, log_path, extra_env)
     try:
         if ready:
             wait_for_log(log_path, ready, proc, timeout)
         yield proc
     finally:
         stop_process_group(proc)
+
+
+def stop_together(
+    procs: Sequence[subprocess.Popen[bytes]], sig: int = signal.SIGTERM, timeout: float = 20
+) -> None:
+    """:func:`stop_process_group` for several processes at once: ``sig`` to each, then the
+    waits, so that their shutdowns overlap instead of adding up."""
+    for proc in procs:
+        if proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.kill(proc.pid, sig)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        stop_process_group(proc, sig, timeout=0)
+
+
+@contextmanager
+def started_together(
+    commands: Sequence[tuple[Sequence[str], Settings, Path, str]], timeout: float = 60
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start every ``(cmd, settings, log_path, ready)`` at once, wait until each has logged its
+    ``ready``, and stop them together at the end: the same processes as one :func:`spawn` each,
+    with their start-ups and shutdowns overlapping instead of adding up."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for cmd, settings, log_path, _ in commands:
+            procs.append(launch(cmd, settings, log_path))
+        for proc, (_, _, log_path, ready) in zip(procs, commands, strict=True):
+            wait_for_log(log_path, ready, proc, timeout)
+        yield procs
+    finally:
+        stop_together(procs)
 
 
 def free_port() -> int:
@@ -123,19 +170,15 @@ def catalog_server(
         yield f"http://127.0.0.1:{port}"
 
 
-@contextmanager
-def celery_worker(
-    settings: Settings,
+def worker_command(
     queues: str = "download",
     concurrency: int = 2,
     name: str | None = None,
-    log_path: Path | None = None,
     extra_args: Sequence[str] = (),
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A real ``flickd worker`` process, ready to consume when the block starts."""
+) -> list[str]:
+    """The ``flickd worker`` command line for these queues."""
     hostname = name or f"w-{uuid.uuid4().hex[:6]}@%h"
-    log_path = log_path or Path(settings.data_dir) / "logs" / f"worker-{uuid.uuid4().hex[:6]}.log"
-    cmd = [
+    return [
         sys.executable,
         "-m",
         "flickd.cli",
@@ -148,8 +191,40 @@ def celery_worker(
         hostname,
         *extra_args,
     ]
-    with spawn(cmd, settings, log_path, ready="ready") as proc:
+
+
+def _worker_log(settings: Settings) -> Path:
+    return Path(settings.data_dir) / "logs" / f"worker-{uuid.uuid4().hex[:6]}.log"
+
+
+@contextmanager
+def celery_worker(
+    settings: Settings,
+    queues: str = "download",
+    concurrency: int = 2,
+    name: str | None = None,
+    log_path: Path | None = None,
+    extra_args: Sequence[str] = (),
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real ``flickd worker`` process, ready to consume when the block starts."""
+    cmd = worker_command(queues, concurrency, name, extra_args)
+    with spawn(cmd, settings, log_path or _worker_log(settings), ready="ready") as proc:
         yield proc
+
+
+@contextmanager
+def celery_workers(
+    settings: Settings, *workers: dict[str, Any]
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Several real ``flickd worker`` processes, each as :func:`celery_worker` with these
+    keyword arguments, started at once and all ready when the block starts."""
+    commands = []
+    for worker in workers:
+        args = dict(worker)
+        log_path = args.pop("log_path", None) or _worker_log(settings)
+        commands.append((worker_command(**args), settings, log_path, "ready"))
+    with started_together(commands) as procs:
+        yield procs
 
 
 class RedisServer:

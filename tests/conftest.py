@@ -5,6 +5,13 @@ module's small synthetic catalog with its loopback image server."""
 from __future__ import annotations
 
 import os
+
+# One OpenMP thread per process (this one and every child a test starts inherits it), unless
+# the caller set another count. The tests' models are tiny: their ops take microseconds, and
+# on a small, busy box OpenMP's thread hand-offs cost more than the ops themselves (see
+# tests.models_fixtures.torch_single_thread); a test run starts several such processes at once
+# on two cores. Set before anything imports torch or faiss, which read it when they start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import socket
 import subprocess
 import sys

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from flickd.cli import main
 from flickd.core.settings import Settings
 from synthetic.catalog import write_feed
-from synthetic.procs import ROOT, settings_env, stop_process_group, wait_for_log
+from synthetic.procs import ROOT, launch, settings_env, stop_together, wait_for_log
 from synthetic.server import CatalogServer
 from tests.conftest import catalog_fixture
 from tests.models_fixtures import tiny_models
@@ -254,20 +254,6 @@ def _local(service: str, port: int | None = None, name: str | None = None) -> li
     return [sys.executable, "-m", "flickd.cli", *args]
 
 
-def _start(stack: ExitStack, cmd: list[str], settings: Settings, log: Path) -> subprocess.Popen:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            env=settings_env(settings),
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    stack.callback(stop_process_group, proc)
-    return proc
-
-
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -326,7 +312,10 @@ def test_compose_smoke(pg_settings, tiny_models, catalog, tmp_path):
         servers.pop()
     ready: list[Callable[[], None]] = []
     with ExitStack() as stack, CatalogServer(catalog.root / "images") as server:
-        # Start everything first and only then wait: the processes boot in parallel.
+        # Start everything first and only then wait: the processes boot in parallel (and at
+        # the end they are stopped together, each as stop_process_group stops it).
+        procs: list[subprocess.Popen[bytes]] = []
+        stack.callback(stop_together, procs)
         for name, cmd in {
             # One download worker and the gpu worker keep their default node names
             # (download@%h, gpu@%h): on one host they must still be two nodes.
@@ -336,11 +325,13 @@ def test_compose_smoke(pg_settings, tiny_models, catalog, tmp_path):
             "scheduler": _local("scheduler"),
         }.items():
             log = logs / f"{name}.log"
-            proc = _start(stack, cmd, settings, log)
+            proc = launch(cmd, settings, log)
+            procs.append(proc)
             ready.append(lambda log=log, proc=proc: wait_for_log(log, " ready.", proc, 90))
         for service, port, path in servers:
             log = logs / f"{service}.log"
-            proc = _start(stack, _local(service, port), settings, log)
+            proc = launch(_local(service, port), settings, log)
+            procs.append(proc)
             url = f"http://127.0.0.1:{port}{path}"
             ready.append(lambda url=url, proc=proc, log=log: _wait_http(url, proc, log))
         for wait in ready:

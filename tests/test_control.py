@@ -23,7 +23,7 @@ from flickd.cli import main
 from flickd.core.broker import ANALYZE_TASK, enqueue, queue_lengths
 from flickd.core.settings import Settings, reset_settings
 from producer.ingest import ingest
-from synthetic.procs import wait_for_log
+from synthetic.procs import stop_together, wait_for_log
 from synthetic.server import CatalogServer
 from tests.conftest import ROOT, catalog_fixture, celery_worker, settings_env, wait_until
 from tests.models_fixtures import tiny_models
@@ -77,7 +77,7 @@ def test_pause_mid_run_loses_nothing(pg_settings, catalog, tmp_path):
     n = 30
     with CatalogServer(catalog.root / "images", latency=0.25) as slow:
         feed = _feed(tmp_path / "feed.csv", slow.base_url, catalog, n)
-        with celery_worker(settings, "download", concurrency=1, name="first@%h"):
+        with celery_worker(settings, "download", concurrency=1, name="first@%h") as first:
             summary = ingest(feed, settings)
             wait_until(
                 lambda: _states(settings).get("downloaded", 0) >= 2, 30, "no progress at all"
@@ -97,7 +97,7 @@ def test_pause_mid_run_loses_nothing(pg_settings, catalog, tmp_path):
             assert set(_queued_message_ids(settings, "download")) == queued_ids
 
             # A worker started while paused takes nothing either.
-            with celery_worker(settings, "download", concurrency=1, name="late@%h"):
+            with celery_worker(settings, "download", concurrency=1, name="late@%h") as late:
                 time.sleep(1.5)
                 assert _states(settings) == before
                 assert set(_queued_message_ids(settings, "download")) == queued_ids
@@ -116,6 +116,8 @@ def test_pause_mid_run_loses_nothing(pg_settings, catalog, tmp_path):
                     text=True,
                     timeout=60,
                 )
+                # Both workers' warm shutdowns at once rather than one after the other.
+                stop_together([late, first])
     assert watch.returncode == 0, watch.stderr
     assert f"run {summary.run_id}: done" in watch.stdout
     assert f"run {summary.run_id}" in watch.stderr and "img" in watch.stderr  # the bar

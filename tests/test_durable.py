@@ -32,9 +32,17 @@ from db.session import session_scope
 from flickd.core.broker import ANALYZE_TASK, DOWNLOAD_TASK, enqueue
 from flickd.core.settings import Settings
 from producer.ingest import ingest
-from synthetic.procs import ROOT, RedisServer, settings_env, spawn
+from synthetic.procs import (
+    ROOT,
+    RedisServer,
+    settings_env,
+    spawn,
+    stop_together,
+    wait_for_log,
+    worker_command,
+)
 from synthetic.server import CatalogServer
-from tests.conftest import PG_ADMIN_URL, catalog_fixture, celery_worker, run_flickd, wait_until
+from tests.conftest import PG_ADMIN_URL, catalog_fixture, run_flickd, wait_until
 from tests.models_fixtures import tiny_models
 from workers.control import cancel_run
 
@@ -121,20 +129,25 @@ class Stack:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.kills = 0
 
-    def start(self, name: str) -> None:
-        if name == "scheduler":
-            cmd = [sys.executable, "-m", "flickd.cli", "scheduler", "-n", f"sched-{self.kills}@%h"]
-            ctx = spawn(cmd, self.settings, self.logs / f"{name}-{self.kills}.log", ready="ready")
-        else:
-            queue = "gpu" if name == "gpu" else "download"
-            ctx = celery_worker(
-                self.settings,
-                queue,
-                concurrency=1,
-                name=f"{name}-{self.kills}@%h",
-                log_path=self.logs / f"{name}-{self.kills}.log",
-            )
-        self.procs[name] = self.stack.enter_context(ctx)
+    def start(self, *names: str) -> None:
+        """Start these pieces at once; return when every one of them is ready."""
+        started = []
+        for name in names:
+            log = self.logs / f"{name}-{self.kills}.log"
+            if name == "scheduler":
+                node = f"sched-{self.kills}@%h"
+                cmd = [sys.executable, "-m", "flickd.cli", "scheduler", "-n", node]
+            else:
+                queue = "gpu" if name == "gpu" else "download"
+                cmd = worker_command(queue, concurrency=1, name=f"{name}-{self.kills}@%h")
+            self.procs[name] = self.stack.enter_context(spawn(cmd, self.settings, log, ready=None))
+            started.append((self.procs[name], log))
+        for proc, log in started:
+            wait_for_log(log, "ready", proc, timeout=60)
+
+    def stop(self) -> None:
+        """Stop every piece, all at once (each as :func:`spawn` stops it)."""
+        stop_together(list(self.procs.values()))
 
     def kill(self, name: str, landed: Callable[[], bool] | None = None) -> None:
         """SIGKILL the whole process group, mid-whatever, and start a fresh one. ``landed``,
@@ -161,9 +174,11 @@ def _running(settings: Settings, tmp_path: Path, *names: str) -> Iterator[Stack]
     logs.mkdir(exist_ok=True)
     with ExitStack() as stack:
         pipeline = Stack(settings, logs, stack)
-        for name in names:
-            pipeline.start(name)
-        yield pipeline
+        pipeline.start(*names)
+        try:
+            yield pipeline
+        finally:
+            pipeline.stop()
 
 
 def _scalar(settings: Settings, query) -> object:
@@ -364,8 +379,7 @@ def test_the_same_batches_delivered_twice_at_once_write_nothing_twice(
     with CatalogServer(catalog.root / "images", latency=0.2) as server:
         expected = _feed(tmp_path / "feed.csv", server, catalog)
         with _running(settings, tmp_path, "download", "gpu") as pipeline:
-            pipeline.start("download-2")  # a second download worker takes the copies
-            pipeline.start("gpu-2")
+            pipeline.start("download-2", "gpu-2")  # a second download worker takes the copies
             run_id = ingest(tmp_path / "feed.csv", settings).run_id
             with session_scope(settings) as session:
                 ids = sorted(session.scalars(select(Image.id)))
@@ -429,8 +443,7 @@ def test_a_cancelled_run_resumed_finishes_and_finalizes(
             out = run_flickd("resume", "--run", str(run_id), env=settings_env(settings))
             assert f"run {run_id} resumed" in out.stdout
             assert "straight to analysis" in out.stdout and "(0 straight" not in out.stdout
-            pipeline.start("gpu")
-            pipeline.start("scheduler")
+            pipeline.start("gpu", "scheduler")
             _settle(settings, run_id, time.monotonic())
             _check(settings, run_id, expected, pipeline)
     again = run_flickd("resume", "--run", str(run_id), env=settings_env(settings), expect_ok=False)

@@ -14,6 +14,7 @@ from db.schema import Crop, Embedding, Image, IndexBuild, IngestRun, ModelVersio
 from db.session import session_scope
 from producer.ingest import ingest
 from synthetic.catalog import generate_catalog, write_feed
+from synthetic.procs import celery_workers
 from synthetic.server import CatalogServer
 from tests.conftest import catalog_fixture, celery_worker, wait_for_run
 from tests.models_fixtures import tiny_models
@@ -74,11 +75,12 @@ def test_one_finalize_per_run_through_real_workers(pg_settings, tiny_models, tmp
     feed = tmp_path / "feed.csv"
     with CatalogServer(small.root / "images") as srv:
         write_feed(small, feed, srv.base_url)
-        with (
-            celery_worker(settings, "download", concurrency=2),
-            celery_worker(settings, "download", concurrency=2),
-            celery_worker(settings, "gpu", concurrency=1) as gpu,
-        ):
+        with celery_workers(
+            settings,
+            {"queues": "download", "concurrency": 2},
+            {"queues": "download", "concurrency": 2},
+            {"queues": "gpu", "concurrency": 1},
+        ) as (_, _, gpu):
             run_id = ingest(feed, settings).run_id
             assert wait_for_run(settings, run_id, timeout=120) == "done"
             deadline = time.monotonic() + 60

@@ -23,9 +23,9 @@ from db.schema import IngestRun, ModelVersion
 from db.session import session_scope
 from flickd.core.settings import Settings
 from producer.ingest import ingest
-from synthetic.procs import RedisServer, free_port, spawn
+from synthetic.procs import RedisServer, free_port, started_together, worker_command
 from synthetic.server import CatalogServer
-from tests.conftest import catalog_fixture, celery_worker, wait_until
+from tests.conftest import catalog_fixture, wait_until
 from tests.models_fixtures import tiny_models
 from tests.storage_fixtures import s3, storage_url
 
@@ -120,13 +120,14 @@ def test_pipeline_shared_nothing(pg_settings, tiny_models, catalog, shared, tmp_
     with RedisServer(tmp_path / "redis") as broker, ExitStack() as stack:
         base = base.model_copy(update={"broker_url": broker.url})
         server = stack.enter_context(CatalogServer(catalog.root / "images"))
-        stack.enter_context(celery_worker(own("download"), "download", 1, "dl@%h", logs / "dl.log"))
-        stack.enter_context(celery_worker(own("gpu"), "gpu", 1, "gpu@%h", logs / "gpu.log"))
+        processes = [
+            (worker_command("download", 1, "dl@%h"), own("download"), logs / "dl.log", "ready"),
+            (worker_command("gpu", 1, "gpu@%h"), own("gpu"), logs / "gpu.log", "ready"),
+        ]
         for i, port in enumerate(ports):
             cmd = [sys.executable, "-m", "flickd.cli", "api", "--port", str(port)]
-            stack.enter_context(
-                spawn(cmd, own(f"api{i}"), logs / f"api{i}.log", ready="Uvicorn running")
-            )
+            processes.append((cmd, own(f"api{i}"), logs / f"api{i}.log", "Uvicorn running"))
+        stack.enter_context(started_together(processes))  # the four at once
         health = [f"http://127.0.0.1:{port}/health" for port in ports]
         assert all(_get(url)[0] == 503 for url in health)  # nothing built yet
 
