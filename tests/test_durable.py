@@ -138,7 +138,7 @@ class Stack:
                 node = f"sched-{self.kills}@%h"
                 cmd = [sys.executable, "-m", "flickd.cli", "scheduler", "-n", node]
             else:
-                queue = "gpu" if name == "gpu" else "download"
+                queue = "gpu" if name.partition("-")[0] == "gpu" else "download"
                 cmd = worker_command(queue, concurrency=1, name=f"{name}-{self.kills}@%h")
             self.procs[name] = self.stack.enter_context(spawn(cmd, self.settings, log, ready=None))
             started.append((self.procs[name], log))
@@ -379,7 +379,7 @@ def test_the_same_batches_delivered_twice_at_once_write_nothing_twice(
     with CatalogServer(catalog.root / "images", latency=0.2) as server:
         expected = _feed(tmp_path / "feed.csv", server, catalog)
         with _running(settings, tmp_path, "download", "gpu") as pipeline:
-            pipeline.start("download-2", "gpu-2")  # a second download worker takes the copies
+            pipeline.start("download-2", "gpu-2")  # a second worker of each queue takes the copies
             run_id = ingest(tmp_path / "feed.csv", settings).run_id
             with session_scope(settings) as session:
                 ids = sorted(session.scalars(select(Image.id)))
