@@ -212,9 +212,9 @@ def test_a_cross_fade_is_one_scene_change_where_it_settles_and_its_blends_are_no
     assert len(blended) == round((fade.end_s - fade.start_s) * FPS)
     assert not any(f.scene_change or f.analyse for f in blended)
     after = [f for f in frames if f.timestamp >= fade.end_s - 1e-6]
-    settled = next(f for f in after if f.scene_change)
-    assert settled.analyse and settled.timestamp - fade.end_s <= 2 / FPS + 1e-6
-    assert not any(f.scene_change for f in after if f.timestamp < settled.timestamp)
+    # The first frame after the fade shows the new shot alone: the next one barely differs.
+    assert after[0].scene_change and after[0].analyse
+    assert after[0].timestamp == pytest.approx(fade.end_s, abs=1e-3)
     # The cuts are still scene changes at their first frame.
     kept = {f.frame_number: f for f in frames}
     assert all(kept[round(cut * FPS)].scene_change for cut in truth.cut_times())

@@ -8,11 +8,11 @@ changing fast and is no scene at all.
 * A *cut*: the frame differs from the frame decoded just before it by at least the threshold,
   and the next frame differs from it by less than a quarter of that. It starts a scene.
 * A *transition*: the frame differs from its predecessor by a quarter of the threshold or more
-  (``TRANSITION_STEP``), but less than the threshold: the picture is on its way somewhere. Every
-  frame from there on is in the transition until one differs from its predecessor by less
-  than that again: the picture *settled*. That first settled frame starts a scene when it is at
-  least the threshold away from the last frame kept before the transition began; otherwise
-  the change came back to where it was and nothing new started.
+  (``TRANSITION_STEP``) and so does the next frame from it: the picture is on its way
+  somewhere. It *settles* at the first frame that the next one differs from by less than that
+  (at the end of a cross-fade: the first frame showing the new shot alone). That frame starts a
+  scene when it is at least the threshold away from the last frame kept before the transition
+  began; otherwise the change came back to where it was and nothing new started.
 * Otherwise a frame starts a scene when it drifted the threshold away from the last kept frame
   (a slow change that got there without a fast step).
 
@@ -75,14 +75,17 @@ class SceneDetector:
             return SceneVerdict(True)
         threshold = self.threshold
         fast = threshold * TRANSITION_STEP
-        if step >= threshold and next_step is not None and next_step < fast:
-            self.before = None  # a cut: the picture jumped, and stays (the last frame of a
-            return SceneVerdict(True)  # stream is no scene of its own, whatever it shows)
-        if step >= fast:  # on its way somewhere (or it jumped and goes on changing)
+        # Stable: the next frame barely differs, this is the picture that stays (the last
+        # frame of a stream is not, whatever it shows).
+        stable = next_step is not None and next_step < fast
+        if step >= threshold and stable:  # a cut: the picture jumped, and stays
+            self.before = None
+            return SceneVerdict(True)
+        if step >= fast and not stable:  # on its way somewhere, and going on
             if self.before is None:
                 self.before = self.last_kept
             return SceneVerdict(False, transition=True)
-        if self.before is not None:  # the first settled frame after a transition
+        if self.before is not None:  # the first frame after a transition that stays
             before, self.before = self.before, None
             return SceneVerdict(distance(hist, before) >= threshold)
         return SceneVerdict(distance(hist, self.last_kept) >= threshold)
