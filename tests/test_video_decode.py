@@ -197,6 +197,29 @@ def test_a_frame_is_kept_at_each_cut_between_rate_samples(clips: dict[str, ClipT
             assert frame.timestamp - before.timestamp >= 0.5 - 0.5 / FPS
 
 
+@pytest.mark.parametrize("codec", ["h264", "vp9"])
+def test_a_cross_fade_is_one_scene_change_where_it_settles_and_its_blends_are_not_analysed(
+    clips: dict[str, ClipTruth], codec: str
+) -> None:
+    """Every frame sampled (max_fps = the clip's rate), the motion gate on: the frames that
+    blend two shots are sampled (the time grid) but are no scene change and are not analysed;
+    the first frame after the fade that shows the new shot alone starts the scene."""
+    truth = clips[codec]
+    (fade,) = [t for t in truth.transitions if t.kind == "fade"]
+    limits = dataclasses.replace(LIMITS, max_fps=FPS, motion_threshold=0.10)
+    frames, _ = _decode(truth.path, limits)
+    blended = [f for f in frames if fade.start_s - 1e-6 <= f.timestamp < fade.end_s - 1e-6]
+    assert len(blended) == round((fade.end_s - fade.start_s) * FPS)
+    assert not any(f.scene_change or f.analyse for f in blended)
+    after = [f for f in frames if f.timestamp >= fade.end_s - 1e-6]
+    # The first frame after the fade shows the new shot alone: the next one barely differs.
+    assert after[0].scene_change and after[0].analyse
+    assert after[0].timestamp == pytest.approx(fade.end_s, abs=1e-3)
+    # The cuts are still scene changes at their first frame.
+    kept = {f.frame_number: f for f in frames}
+    assert all(kept[round(cut * FPS)].scene_change for cut in truth.cut_times())
+
+
 # --- caps ------------------------------------------------------------------------------------
 
 

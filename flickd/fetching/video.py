@@ -8,11 +8,14 @@ wrong ends as a :class:`VideoFailure` with a reason from :mod:`flickd.core.reaso
 exception leaves this module.
 
 Sampling (:meth:`VideoStream.frames`) keeps at most ``max_fps`` frames per second, plus the
-frame at each scene change: the colour-histogram distance of a small thumbnail from the last
-kept frame's is at least ``scene_threshold``. The first frame is kept and marked a scene change
-(it starts the first scene). These sampled frames are the clip's time grid: a product's time
-range is read off them. Only some of them are *analysed* (``SampledFrame.analyse``; the models
-see those, and cost about a second each on a 2-core CPU): every scene change, and between scene
+frame at each scene change: a cut, a frame that drifted ``scene_threshold`` (colour-histogram
+distance of small thumbnails) from the last kept one, or the frame where a gradual transition
+(a cross-fade) settles on a new picture; the frames inside a transition are no scene change
+and are not analysed (``flickd/fetching/scenes.py`` says how and why). The first frame is kept
+and marked a scene change (it starts the first scene). These sampled frames are the clip's
+time grid: a product's time range is read off them. Only some of them are *analysed*
+(``SampledFrame.analyse``; the models see those, and cost about a second each on a 2-core
+CPU): every scene change, and between scene
 changes a frame that moved since the last analysed frame (the mean absolute difference of the
 grey thumbnails is at least ``motion_threshold``; 0 analyses every sampled frame), or that
 comes ``1/min_fps`` seconds after it. The frames in between are cheap evidence that the shot
@@ -24,7 +27,9 @@ once yet its range still spans the shot to within one sampled frame. On the synt
 sampled frames, 34 scene changes) a threshold of 0.06 analyses 61 frames, 0.10 (the default)
 39 and 0.15 36: a shot's pan or zoom rarely drifts 0.10 from its first frame, and analysing
 fewer frames lost no recall there (0.77 at 0.10 against 0.67 with the old gate's 75 frames;
-a track's mean over fewer, sharper members matched no worse).
+a track's mean over fewer, sharper members matched no worse). Those counts are from before
+cross-fades were told from cuts; since, the clip has 134 sampled frames, 30 scene changes (one
+per shot) and 35 analysed at 0.10.
 
 Why every frame is decoded, with no keyframe seeking: a scene change can happen at any frame,
 so every frame has to be looked at, and an inter-coded frame cannot be decoded without the
@@ -75,13 +80,8 @@ from flickd.core.reasons import FailureReason, ImageFailure
 from flickd.core.settings import Settings
 from flickd.fetching.fetch import HttpClient, fetch
 from flickd.fetching.imaging import sniff_format
+from flickd.fetching.scenes import SceneDetector, histogram, thumbnail
 
-# Thumbnails the scene detector compares: wide enough for a stable histogram (48x27 = 1296
-# pixels at 16:9), small enough that scaling every decoded frame costs next to nothing. AREA
-# scaling averages each thumbnail pixel over many source pixels, so sensor noise and grain do
-# not move the histogram.
-THUMB_WIDTH = 48
-HIST_BINS = 16  # per RGB channel
 # A video URL is a query someone waits for: one retry, as for image URLs.
 VIDEO_URL_ATTEMPTS = 2
 # A stream whose last packet ends this many frame intervals (or 0.25 s, if more) before the
@@ -400,6 +400,15 @@ class VideoStream:
         return _Sampler(self._stream, self.info, self.limits, self.report).run(self._container)
 
 
+@dataclass(frozen=True)
+class _Pending:
+    frame: Any  # the decoded PyAV frame
+    number: int
+    time: float
+    arrays: tuple[np.ndarray, np.ndarray]  # its histogram and grey thumbnail
+    step: float  # distance from the frame decoded before
+
+
 class _Sampler:
     """One pass over the stream: demux, decode, skip what is broken, keep what is wanted."""
 
@@ -422,12 +431,11 @@ class _Sampler:
         self.last_packet_end: float | None = None
         self.last_time: float | None = None
         self.last_kept_time: float | None = None
-        self.last_kept_hist: np.ndarray | None = None
         self.last_analysed_time: float | None = None
         self.last_analysed_grey: np.ndarray | None = None
         self.max_still = 1.0 / limits.min_fps if limits.min_fps > 0 else math.inf
-        self.previous_hist: np.ndarray | None = None  # of the frame decoded before
-        self.in_transition = False  # inside a gradual scene change (see _scene_change)
+        self.scenes = SceneDetector(limits.scene_threshold)  # flickd/fetching/scenes.py
+        self.pending: _Pending | None = None  # the last decoded frame, judged after the next
         self.read_error: str | None = None
         self.stopped = False  # a cap ended the analysis
 
@@ -448,6 +456,7 @@ class _Sampler:
                 self.packets += 1
                 self._note_packet_end(packet)
             yield from self._decode(packet)
+        yield from self._flush()
         self._finish()
 
     def _decode(self, packet: Any) -> Iterator[SampledFrame]:
@@ -462,6 +471,14 @@ class _Sampler:
                 yield sampled
             if self.stopped:
                 return
+
+    def _flush(self) -> Iterator[SampledFrame]:
+        """The last decoded frame, held back for its successor's step (there is none)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            sampled = self._decide(pending, None)
+            if sampled is not None:
+                yield sampled
 
     def _note_packet_end(self, packet: Any) -> None:
         if packet.pts is None or self.time_base is None:
@@ -487,10 +504,18 @@ class _Sampler:
         if frame.width * frame.height > limits.max_pixels:
             self.oversized += 1
             return None
-        thumb = _thumbnail(frame)
-        hist = _histogram(thumb)
-        grey = thumb.mean(axis=2)
-        scene = self._scene_change(hist)
+        thumb = thumbnail(frame)
+        hist = histogram(thumb)
+        current = _Pending(frame, number, t, (hist, thumb.mean(axis=2)), self.scenes.step(hist))
+        pending, self.pending = self.pending, current
+        return None if pending is None else self._decide(pending, current.step)
+
+    def _decide(self, pending: _Pending, next_step: float | None) -> SampledFrame | None:
+        """Keep (or not) a decoded frame, once its successor's step is known."""
+        report, limits = self.report, self.limits
+        frame, number, t, hist, grey = pending.frame, pending.number, pending.time, *pending.arrays
+        verdict = self.scenes.judge(hist, pending.step, next_step)
+        scene = verdict.scene_change
         due = self.last_kept_time is None or (
             t - self.last_kept_time >= self.min_gap - self.frame_interval / 2
         )
@@ -499,7 +524,8 @@ class _Sampler:
         if report.frames_sampled >= limits.max_frames:
             self._cut(t, "frames")
             return None
-        analyse = scene or self._moved_or_stale(grey, t)
+        # A frame inside a transition shows no scene of its own: analysed only when stale.
+        analyse = scene or self._moved_or_stale(grey, t, verdict.transition)
         try:
             image = frame.to_image()  # RGB24
         except (av.error.FFmpegError, ValueError):
@@ -516,38 +542,24 @@ class _Sampler:
         report.frames_sampled += 1
         report.frames_analysed += int(analyse)
         report.scene_changes += int(scene)
-        self.last_kept_time, self.last_kept_hist = t, hist
+        self.last_kept_time = t
+        self.scenes.kept(hist)
         if analyse:
             self.last_analysed_time, self.last_analysed_grey = t, grey
         return sampled
 
-    def _moved_or_stale(self, grey: np.ndarray, t: float) -> bool:
+    def _moved_or_stale(self, grey: np.ndarray, t: float, transition: bool = False) -> bool:
         """Whether a sampled frame within a scene is worth analysing: the picture moved since
-        the last analysed frame, or that frame is older than 1/min_fps."""
+        the last analysed frame (not counting frames inside a transition), or that frame is
+        older than 1/min_fps."""
         threshold = self.limits.motion_threshold
         if threshold <= 0 or self.last_analysed_grey is None or self.last_analysed_time is None:
             return True
         if t - self.last_analysed_time >= self.max_still - self.frame_interval / 2:
             return True
+        if transition:
+            return False
         return float(np.abs(grey - self.last_analysed_grey).mean()) / 255 >= threshold
-
-    def _scene_change(self, hist: np.ndarray) -> bool:
-        """Whether this frame starts a scene: its distance from the last kept frame is at least
-        the threshold. A gradual transition (a cross-fade, a whip pan) changes the colours a
-        little every frame; to keep it from marking every one of its frames, it is marked twice:
-        where it first crosses the threshold, and where it settles (the first frame that differs
-        from its predecessor by under half the threshold) if that frame shows a new scene."""
-        previous, self.previous_hist = self.previous_hist, hist
-        if self.last_kept_hist is None:
-            return True
-        threshold = self.limits.scene_threshold
-        far = _distance(hist, self.last_kept_hist) >= threshold
-        moving = previous is not None and _distance(hist, previous) >= threshold / 2
-        if self.in_transition:
-            self.in_transition = moving
-            return far and not moving
-        self.in_transition = far and moving
-        return far
 
     def _timestamp(self, frame: Any) -> float:
         raw = frame.time
@@ -559,6 +571,8 @@ class _Sampler:
         return max(0.0, float(raw) - self.start_s)
 
     def _cut(self, at: float, cap: str) -> None:
+        if self.report.cut_at_s is not None:  # a second cap, on the held-back frame
+            return
         self.stopped = True
         self.report.cut_at_s = round(at, 3)
         total = f" of {self.info.duration_s:.1f} s" if self.info.duration_s else ""
@@ -636,27 +650,6 @@ class _Sampler:
         else:
             detail = f"none of the stream's {self.packets} packets decoded to a frame"
         raise VideoFailure(FailureReason.NO_DECODABLE_FRAMES, detail)
-
-
-def _thumbnail(frame: Any) -> np.ndarray:
-    """A small AREA-scaled RGB thumbnail (THUMB_WIDTH wide) of a decoded frame."""
-    height = max(8, round(THUMB_WIDTH * frame.height / max(1, frame.width)))
-    thumb: np.ndarray = frame.reformat(
-        width=THUMB_WIDTH, height=height, format="rgb24", interpolation="AREA"
-    ).to_ndarray()
-    return thumb
-
-
-def _histogram(thumb: np.ndarray) -> np.ndarray:
-    """Per-channel colour histogram of a thumbnail, each summing to 1."""
-    bins = (thumb.reshape(-1, 3) >> 4).astype(np.intp)  # 256 levels -> 16 bins
-    counts = np.stack([np.bincount(bins[:, c], minlength=HIST_BINS) for c in range(3)])
-    return counts / bins.shape[0]
-
-
-def _distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Total-variation distance (0 = same colours, 1 = disjoint), averaged over channels."""
-    return float(np.abs(a - b).sum() / 2 / a.shape[0])
 
 
 # --- video URLs ------------------------------------------------------------------------------
