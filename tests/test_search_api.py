@@ -420,3 +420,13 @@ def test_concurrent_image_queries_share_one_analysis(indexed, catalog):
         assert [[h.crop_id for h in i.results] for i in got.items] == [
             [h.crop_id for h in i.results] for i in want.items
         ]
+
+
+def test_warm_up_makes_the_query_text_encoder_before_the_first_query(indexed):
+    service = SearchService(indexed.model_copy(update={"query_text_precision": "bfloat16"}))
+    assert not service._encoders
+    service.warm_up()
+    (encoder,) = service._encoders.values()
+    assert encoder.precision == "bfloat16"
+    assert service.search_text("a red dress", 3).items[0].results
+    assert list(service._encoders.values()) == [encoder]  # the first query used it

@@ -371,7 +371,7 @@ class SearchService:
         Does nothing while no index exists; never raises (a query reports the problem)."""
         try:
             _index, version = self._index_and_version()
-            self._embedder(version)
+            self._text_encoder(self._embedder(version))  # with its bf16 copy, where used
             registry.get_detector(self.settings)
         except Exception as exc:
             log.info("search warm-up skipped: %s", exc)
