@@ -59,9 +59,16 @@ WORDINGS = ["a photo of a {} {}", "a {} {}", "{} {} for women", "a {} {} in a sh
 DISTINCT = [w.format(c, g) for w in WORDINGS for c in COLOURS for g in GARMENTS]
 REPEATED = DISTINCT[:12]
 AGREEMENT_QUERIES = DISTINCT[::11]  # 99 texts across colours, garments and wordings
-BASELINE = {"FLICKD_SEARCH_BATCH_WINDOW_MS": "0", "FLICKD_SEARCH_MAX_BATCH": "1"}
 CONFIGS: list[tuple[str, int, dict[str, str]]] = [
-    ("baseline", 1, {**BASELINE, "FLICKD_QUERY_TEXT_PRECISION": "float"}),
+    (
+        "baseline",
+        1,
+        {
+            "FLICKD_SEARCH_BATCH_WINDOW_MS": "0",
+            "FLICKD_SEARCH_MAX_BATCH": "1",
+            "FLICKD_QUERY_TEXT_PRECISION": "float",
+        },
+    ),
     ("batched", 1, {}),
     ("batched x2", 2, {}),
 ]

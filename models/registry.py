@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from flickd.core.settings import Settings
     from models.detector import Detector
     from models.embedder import Embedder
+    from models.query_text import TextQueryEncoder
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,20 @@ def get_embedder_by_name(name: str, settings: Settings) -> Embedder:
         return Embedder(name, device=device, batch_size=settings.analyze_batch_size, files=files)
 
     return _cached("embedder", name.strip(), settings.device, load)
+
+
+def get_text_query_encoder(name: str, settings: Settings) -> TextQueryEncoder:
+    """The query text encoder (models/query_text.py: a bf16 text tower where the CPU has bf16)
+    over the embedder ``name`` names, cached beside it."""
+    embedder = get_embedder_by_name(name, settings)
+    precision = settings.query_text_precision
+
+    def load(_name: str, _device: torch.device) -> TextQueryEncoder:
+        from models.query_text import TextQueryEncoder
+
+        return TextQueryEncoder(embedder, precision)
+
+    return _cached(f"query-text-{precision}", name.strip(), settings.device, load)
 
 
 def stored_model_dir(name: str, settings: Settings) -> Path | None:

@@ -26,6 +26,7 @@ from db.session import session_scope
 from flickd.core.settings import Settings
 from flickd.services.api import create_app
 from flickd.services.search import MatchType, SearchService, match_type
+from models import registry
 from models.embedder import Embedder
 from models.query_text import TextQueryEncoder
 from producer.ingest import ingest
@@ -423,10 +424,13 @@ def test_concurrent_image_queries_share_one_analysis(indexed, catalog):
 
 
 def test_warm_up_makes_the_query_text_encoder_before_the_first_query(indexed):
-    service = SearchService(indexed.model_copy(update={"query_text_precision": "bfloat16"}))
-    assert not service._encoders
+    settings = indexed.model_copy(update={"query_text_precision": "bfloat16"})
+    # The encoder is cached per process beside its embedder (models/registry.py): start clean.
+    key = ("query-text-bfloat16", settings.embedding_model, "cpu")
+    registry._cache.pop(key, None)
+    service = SearchService(settings)
     service.warm_up()
-    (encoder,) = service._encoders.values()
+    encoder = registry._cache[key]
     assert encoder.precision == "bfloat16"
     assert service.search_text("a red dress", 3).items[0].results
-    assert list(service._encoders.values()) == [encoder]  # the first query used it
+    assert registry._cache[key] is encoder  # the first query used it, made nothing new

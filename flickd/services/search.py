@@ -44,10 +44,10 @@ from models import registry
 from models.colour import COLOUR_FAMILIES
 from models.index import IndexHolder
 from models.index.live import CropFilter, LiveIndex
-from models.query_text import TextQueryEncoder
 
 if TYPE_CHECKING:
     from models.embedder import Embedder
+    from models.query_text import TextQueryEncoder
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class SearchService:
         window = settings.search_batch_window_ms / 1000
         # Queries being answered: a batcher waits out its window only while there are others.
         self._in_flight = InFlight()
-        self._texts: MicroBatcher[tuple[Embedder, str], np.ndarray] = MicroBatcher(
+        self._texts: MicroBatcher[tuple[TextQueryEncoder, str], np.ndarray] = MicroBatcher(
             self._embed_texts,
             window=window,
             max_batch=settings.search_max_batch,
@@ -272,8 +272,6 @@ class SearchService:
             name="searches",
             company=self._in_flight,
         )
-        self._encoders: dict[int, TextQueryEncoder] = {}  # by id() of the embedder they wrap
-        self._encoders_lock = threading.Lock()
         self._text_cache: LruCache[tuple[str, str], np.ndarray] = LruCache(settings.text_cache_size)
         self._versions: dict[int, _Version] = {}
         self._warned: set[int] = set()
@@ -293,7 +291,7 @@ class SearchService:
     def _search_text(self, text: str, top_k: int, filters: CropFilter | None) -> SearchResponse:
         started = time.perf_counter()
         index, version = self._index_and_version()
-        vector = self._text_vector(self._embedder(version), text)
+        vector = self._text_vector(self._text_encoder(version), text)
         found = self._searches.submit(_IndexQuery(index, vector[None, :], top_k, filters))
         (hits,) = found.hits
         return SearchResponse(
@@ -371,7 +369,7 @@ class SearchService:
         Does nothing while no index exists; never raises (a query reports the problem)."""
         try:
             _index, version = self._index_and_version()
-            self._text_encoder(self._embedder(version))  # with its bf16 copy, where used
+            self._text_encoder(version)  # the embedder, and its bf16 text tower where used
             registry.get_detector(self.settings)
         except Exception as exc:
             log.info("search warm-up skipped: %s", exc)
@@ -448,35 +446,30 @@ class SearchService:
         return embedder
 
     # --- batched model calls ---------------------------------------------------------------
-    def _text_vector(self, embedder: Embedder, text: str) -> np.ndarray:
+    def _text_encoder(self, version: _Version) -> TextQueryEncoder:
+        """The query text encoder over the version's embedder (``_embedder`` checks it)."""
+        self._embedder(version)
+        return registry.get_text_query_encoder(version.name, self.settings)
+
+    def _text_vector(self, encoder: TextQueryEncoder, text: str) -> np.ndarray:
         """The unit vector of a query text: from the cache, else from a batched forward pass."""
-        key = (embedder.model_version, text)
+        key = (encoder.embedder.model_version, text)
         vector = self._text_cache.get(key)
         if vector is None:
-            vector = self._texts.submit((embedder, text))
+            vector = self._texts.submit((encoder, text))
             vector.flags.writeable = False  # shared by every later query of the same text
             self._text_cache.put(key, vector)
         return vector
 
-    def _embed_texts(self, queries: list[tuple[Embedder, str]]) -> list[np.ndarray]:
-        """One forward pass per embedder for a batch of (embedder, text) queries."""
+    def _embed_texts(self, queries: list[tuple[TextQueryEncoder, str]]) -> list[np.ndarray]:
+        """One forward pass per encoder for a batch of (encoder, text) queries."""
         vectors: list[np.ndarray | None] = [None] * len(queries)
-        for embedder, positions in _by_key(queries, lambda q: q[0]):
-            encoder = self._text_encoder(embedder)
+        for encoder, positions in _by_key(queries, lambda q: q[0]):
             with self._model_lock:
                 found = encoder.embed([queries[i][1] for i in positions])
             for i, vector in zip(positions, found, strict=True):
                 vectors[i] = vector.copy()
         return [v for v in vectors if v is not None]
-
-    def _text_encoder(self, embedder: Embedder) -> TextQueryEncoder:
-        """The query text encoder over ``embedder`` (int8 on a CPU: models/query_text.py)."""
-        with self._encoders_lock:
-            encoder = self._encoders.get(id(embedder))
-            if encoder is None or encoder.embedder is not embedder:
-                encoder = TextQueryEncoder(embedder, self.settings.query_text_precision)
-                self._encoders[id(embedder)] = encoder
-            return encoder
 
     def _search_batch(self, queries: list[_IndexQuery]) -> list[_Found]:
         """The queries of a batch that share an index, ``top_k`` and filters, searched as one."""
