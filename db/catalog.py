@@ -33,6 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import aliased
 
 from db.schema import Crop, Image, ImageState, Product, VideoSearchJob, utcnow
+from db.sql import id_in
 from db.versions import dialect_insert
 
 _run_meta = MetaData()
@@ -180,11 +181,13 @@ def restore_named_images(conn: Connection, catalog: str, staged_images: Table) -
     returning = sorted({row.product_id for row in rows if row.retired_at is not None})
     if returning:
         conn.execute(
-            update(products).where(products.c.id.in_(returning)).values(updated_at=utcnow())
+            update(products)
+            .where(id_in(conn, products.c.id, returning))
+            .values(updated_at=utcnow())
         )
     conn.execute(
         update(images)
-        .where(images.c.id.in_([row.id for row in rows]))
+        .where(id_in(conn, images.c.id, [row.id for row in rows]))
         .values(superseded_at=None, retired_at=None)
     )
 
@@ -225,11 +228,15 @@ def retire_replaced(
     ready = current_image(since, analysed)
     if dropped:
         ready = ready | (~current_image(since) & current_image(analysed))
-    ids = product_ids if not isinstance(product_ids, list | tuple | set) else list(product_ids)
+    of_products = (
+        id_in(conn, images.c.product_id, product_ids)
+        if isinstance(product_ids, list | tuple | set)
+        else images.c.product_id.in_(product_ids)
+    )
     result = conn.execute(
         update(images)
         .where(
-            images.c.product_id.in_(ids),
+            of_products,
             images.c.superseded_at.is_not(None),
             images.c.retired_at.is_(None),
             ready,
@@ -246,7 +253,7 @@ def retire_for_images(conn: Connection, image_ids: list[int], now: datetime | No
         return 0
     images = Image.__table__
     return retire_replaced(
-        conn, select(images.c.product_id).where(images.c.id.in_(image_ids)).distinct(), now
+        conn, select(images.c.product_id).where(id_in(conn, images.c.id, image_ids)).distinct(), now
     )
 
 
@@ -398,7 +405,7 @@ def purge_delisted(conn: Connection, before: datetime, limit: int) -> tuple[int,
         keys |= set(
             conn.scalars(
                 select(images.c.blob_key).where(
-                    images.c.product_id.in_(chunk), images.c.blob_key.is_not(None)
+                    id_in(conn, images.c.product_id, chunk), images.c.blob_key.is_not(None)
                 )
             )
         )
@@ -406,10 +413,10 @@ def purge_delisted(conn: Connection, before: datetime, limit: int) -> tuple[int,
             conn.scalars(
                 select(crops.c.blob_key)
                 .join(images, images.c.id == crops.c.image_id)
-                .where(images.c.product_id.in_(chunk), crops.c.blob_key.is_not(None))
+                .where(id_in(conn, images.c.product_id, chunk), crops.c.blob_key.is_not(None))
             )
         )
-        conn.execute(delete(products).where(products.c.id.in_(chunk)))
+        conn.execute(delete(products).where(id_in(conn, products.c.id, chunk)))
     return len(ids), keys
 
 
@@ -417,15 +424,10 @@ def unused_blobs(conn: Connection, keys: set[str]) -> list[str]:
     """The blob keys of ``keys`` that no image, crop or video job refers to (an image's
     ``content_hash`` is its ``blob_key``: one indexed lookup covers both)."""
     images, crops, jobs = Image.__table__, Crop.__table__, VideoSearchJob.__table__
-    unused = []
-    for key in sorted(keys):
-        used = conn.scalar(
-            select(
-                exists().where(images.c.blob_key == key)
-                | exists().where(crops.c.blob_key == key)
-                | exists().where(jobs.c.blob_key == key)
-            )
-        )
-        if not used:
-            unused.append(key)
-    return unused
+    ordered = sorted(keys)
+    used: set[str] = set()
+    for start in range(0, len(ordered), 5000):  # three lookups per chunk, not three per key
+        chunk = ordered[start : start + 5000]
+        for column in (images.c.blob_key, crops.c.blob_key, jobs.c.blob_key):
+            used |= set(conn.scalars(select(column).where(column.in_(chunk)).distinct()))
+    return [key for key in ordered if key not in used]

@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Connection, DateTime, literal, select, update
 from sqlalchemy.orm import aliased
 
+from db.catalog import retire_for_images
 from db.schema import Crop, Embedding, Image, ImageState, utcnow
 from db.sql import id_in
 from db.versions import dialect_insert
@@ -192,11 +193,10 @@ def analyse_once(conn: Connection, image_ids: Sequence[int]) -> list[int]:
     one per blob. The others stay claimed and ``downloaded``, and copy the analysis in the
     commit that writes it (:func:`share_analysis`); if that image fails, they are re-driven
     after the lease like any stalled image and analysed on their own."""
-    from db.catalog import retire_for_images
-
     adopted = adopt_analysis(conn, image_ids)
     retire_for_images(conn, adopted)
-    rest = [i for i in image_ids if i not in set(adopted)]
+    taken = set(adopted)
+    rest = [i for i in image_ids if i not in taken]
     if not rest:
         return []
     images = Image.__table__
