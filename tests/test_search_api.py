@@ -402,7 +402,6 @@ def test_concurrent_text_queries_share_a_forward_pass_and_repeat_from_the_cache(
         want, got = one_by_one[text].items[0].results, batched[text].items[0].results
         assert [h.crop_id for h in got] == [h.crop_id for h in want]
         np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
-    service._searches.window = 0  # one query alone now: no reason to wait for others
     again = service.search_text("a navy jacket", 5)  # answered without a model call
     assert service._texts.batches == 1 and service._text_cache.hits == 1
     assert again.items[0].results == batched["a navy jacket"].items[0].results

@@ -102,8 +102,11 @@ def parse_prices(col: pa.Array) -> Prices:
     currencies = np.full(n, None, dtype=object)
     unreadable = np.zeros(n, dtype=bool)
     odd = np.flatnonzero(~plain & ~empty_mask(col))
+    seen: dict[str, tuple[float, str | None] | None] = {}  # a feed repeats its price texts
     for row, text in zip(odd, col.take(pa.array(odd, pa.int64())).to_pylist(), strict=True):
-        parsed = parse_price(text)
+        if text not in seen:
+            seen[text] = parse_price(text)
+        parsed = seen[text]
         if parsed is None:
             unreadable[row] = True
         else:
