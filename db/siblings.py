@@ -111,17 +111,21 @@ def adopt_analysis(
     pairs = [(row.id, row.donor_id) for row in rows if row.donor_id is not None]
     for sibling, source in pairs:
         _copy_crops(conn, source, sibling)
+    if not pairs:
+        return []
     now = now or utcnow()
-    adopted: list[int] = []
-    for sibling, _source in pairs:
-        result = conn.execute(
+    changed = set(
+        conn.scalars(
             update(images)
-            .where(images.c.id == sibling, images.c.state == ImageState.DOWNLOADED.value)
+            .where(
+                id_in(conn, images.c.id, [sibling for sibling, _ in pairs]),
+                images.c.state == ImageState.DOWNLOADED.value,
+            )
             .values(state=ImageState.ANALYZED.value, analyzed_at=now, updated_at=now)
+            .returning(images.c.id)
         )
-        if result.rowcount:
-            adopted.append(sibling)
-    return adopted
+    )
+    return [sibling for sibling, _ in pairs if sibling in changed]
 
 
 def share_analysis(
