@@ -405,7 +405,8 @@ class _Pending:
     frame: Any  # the decoded PyAV frame
     number: int
     time: float
-    arrays: tuple[np.ndarray, np.ndarray]  # its histogram and grey thumbnail
+    hist: np.ndarray  # colour histogram of its thumbnail
+    thumb: np.ndarray  # the thumbnail (its grey is made only for a frame kept)
     step: float  # distance from the frame decoded before
 
 
@@ -506,14 +507,14 @@ class _Sampler:
             return None
         thumb = thumbnail(frame)
         hist = histogram(thumb)
-        current = _Pending(frame, number, t, (hist, thumb.mean(axis=2)), self.scenes.step(hist))
+        current = _Pending(frame, number, t, hist, thumb, self.scenes.step(hist))
         pending, self.pending = self.pending, current
         return None if pending is None else self._decide(pending, current.step)
 
     def _decide(self, pending: _Pending, next_step: float | None) -> SampledFrame | None:
         """Keep (or not) a decoded frame, once its successor's step is known."""
         report, limits = self.report, self.limits
-        frame, number, t, hist, grey = pending.frame, pending.number, pending.time, *pending.arrays
+        frame, number, t, hist = pending.frame, pending.number, pending.time, pending.hist
         verdict = self.scenes.judge(hist, pending.step, next_step)
         scene = verdict.scene_change
         due = self.last_kept_time is None or (
@@ -524,6 +525,7 @@ class _Sampler:
         if report.frames_sampled >= limits.max_frames:
             self._cut(t, "frames")
             return None
+        grey = pending.thumb.mean(axis=2)
         # A frame inside a transition shows no scene of its own: analysed only when stale.
         analyse = scene or self._moved_or_stale(grey, t, verdict.transition)
         try:
@@ -548,7 +550,7 @@ class _Sampler:
             self.last_analysed_time, self.last_analysed_grey = t, grey
         return sampled
 
-    def _moved_or_stale(self, grey: np.ndarray, t: float, transition: bool = False) -> bool:
+    def _moved_or_stale(self, grey: np.ndarray, t: float, transition: bool) -> bool:
         """Whether a sampled frame within a scene is worth analysing: the picture moved since
         the last analysed frame (not counting frames inside a transition), or that frame is
         older than 1/min_fps."""
