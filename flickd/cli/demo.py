@@ -132,7 +132,7 @@ def register(main: click.Group) -> None:
 
 
 def demo_settings(
-    out_dir: Path, models: dict[str, Path], detector: bool, epochs: int = 0
+    out_dir: Path, models: dict[str, Path], detector: bool, epochs: int = DEMO_EPOCHS
 ) -> Settings:
     return Settings(
         data_dir=out_dir / "data",
@@ -146,7 +146,7 @@ def demo_settings(
         # and needs ~300 steps on the 100-product catalog to learn both colour and garment
         # words (8 epochs reached held-out recall@5 0.85 on 300 products, 60 reach 0.97).
         train_lr=1e-3,
-        train_epochs=epochs or DEMO_EPOCHS,
+        train_epochs=epochs,
         train_batch_size=32,
     )
 
@@ -176,7 +176,7 @@ def run_demo(
     products: int = 100,
     seed: int = 11,
     detector: bool = False,
-    epochs: int = 0,
+    epochs: int = DEMO_EPOCHS,
 ) -> DemoResult:
     from db.migrate import upgrade
     from flickd.services.search import SearchService
