@@ -223,6 +223,26 @@ def _background(size: tuple[int, int], hue: float, rng: np.random.Generator) -> 
     return (a * (1 - mix) + b * mix).astype(np.float32)
 
 
+def footage_frame(
+    image: Image.Image, size: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """One frame of a shot of ``image`` as :func:`make_clip` renders it, drawn at random (a
+    background of a random hue, a pan or a zoom at a random point of the shot, sensor noise),
+    and the product's box in it (x0, y0, x1, y1)."""
+    plan = _ShotPlan(
+        product_id="",
+        image=image.convert("RGB"),
+        start=0,
+        length=100,
+        background=_background(size, float(rng.random()), rng),
+        motion="pan" if rng.random() < 0.5 else "zoom",
+        direction=1.0 if rng.random() < 0.5 else -1.0,
+    )
+    frame, box = _placed(plan, int(rng.integers(0, 100)))
+    noisy = frame + rng.normal(0.0, NOISE_SIGMA, frame.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8), box
+
+
 def _render_frame(plans: list[_ShotPlan], n: int, rng: np.random.Generator) -> np.ndarray:
     visible = [(i, p) for i, p in enumerate(plans) if p.start <= n < p.start + p.length]
     frame = _shot_frame(visible[-1][1], n)
@@ -237,6 +257,11 @@ def _render_frame(plans: list[_ShotPlan], n: int, rng: np.random.Generator) -> n
 
 def _shot_frame(plan: _ShotPlan, n: int) -> np.ndarray:
     """The shot's background with its product placed for frame ``n`` of the clip."""
+    return _placed(plan, n)[0]
+
+
+def _placed(plan: _ShotPlan, n: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """:func:`_shot_frame` and where the product lies in it (x0, y0, x1, y1, clipped)."""
     height, width = plan.background.shape[:2]
     progress = (n - plan.start) / max(1, plan.length - 1)  # 0 .. 1 over the shot
     scale = 1.0
@@ -256,7 +281,7 @@ def _shot_frame(plan: _ShotPlan, n: int) -> np.ndarray:
     # Paste what falls inside the frame (a zoomed product may overhang the edges).
     fx0, fy0, fx1, fy1 = max(0, x0), max(0, y0), min(width, x0 + w), min(height, y0 + h)
     frame[fy0:fy1, fx0:fx1] = product[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
-    return frame
+    return frame, (fx0, fy0, fx1, fy1)
 
 
 def _encode(
