@@ -41,23 +41,8 @@ PREFIX = broker_prefix()  # this run's own Redis keys
 
 
 def _models(size: str) -> dict[str, Path]:
-    """The offline models of ``size`` (tiny, base), built once into the temp folder; or
-    ``trained``: the ``base`` detector beside a ``base`` CLIP whose last vision layers were
-    trained here to tell synthetic products apart (synthetic/instance_clip.py, minutes)."""
     from models.build import build_offline_models
 
-    if size == "trained":
-        built = _models("base")
-        clip = built["clip"].parent / "clip-instance"
-        if not (clip / "config.json").exists():
-            from synthetic.instance_clip import train_instance_clip
-
-            report = train_instance_clip(built["clip"], clip)
-            print(
-                f"instance-trained CLIP in {report['seconds']:.0f}s: held-out top-1 "
-                f"{report['held_out_top1_before']:.2f} -> {report['held_out_top1_after']:.2f}"
-            )
-        return {"detector": built["detector"], "clip": clip}
     root = Path(tempfile.gettempdir()) / f"flickd-bench-models-{size}"
     detector, clip = root / "detector", root / "clip"
     if (detector / "config.json").exists() and (clip / "config.json").exists():
