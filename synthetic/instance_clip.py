@@ -16,8 +16,11 @@ products apart (instance discrimination, the SimCLR / CLIP InfoNCE loss over pro
 The early layers stay as built, frozen; their outputs for a fixed pool of views are computed
 once, and only the last ``layers`` encoder layers, the final layer norm and the projection are
 trained on them. The text tower is untouched (its vectors stay random): the model is for image
-benchmarks, image and video search. It trains on a catalog of its own seed, so a benchmark's
-catalog (another seed) holds products it has never seen. The result is saved with
+benchmarks, image and video search. It trains on a catalog of the plan's seed: with a
+benchmark's seed, the benchmark's catalog is its first products (as a fine-tune on the indexed
+catalog would know them); with another seed, none. The last tenth of the products (at least 8)
+is held out of training, and the report gives the top-1 accuracy of their footage views
+among their catalog views before and after. The result is saved with
 ``save_pretrained`` beside the source's tokenizer and processor, and loads like any CLIP.
 
     python -m synthetic.instance_clip OUT_DIR --source DIR/clip [--products 300] [--seed 1000]
@@ -60,7 +63,7 @@ def _low_precision(device: torch.device) -> torch.dtype | None:
 @dataclass(frozen=True)
 class TrainPlan:
     products: int = 300  # in the training catalog
-    seed: int = 1000  # of the training catalog and of every draw; benchmarks use small seeds
+    seed: int = 1000  # of the training catalog and of every draw
     views: int = 12  # per product: half catalog views, half footage views
     layers: int = 2  # trained encoder layers at the top of the vision tower
     steps: int = 200
