@@ -391,7 +391,10 @@ def test_concurrent_text_queries_share_a_forward_pass_and_repeat_from_the_cache(
     # The search stage waits for the rest of a model batch far shorter than the model stage
     # (SEARCH_GATHER_SECONDS); given the same long wait, all five reach it as one batch.
     service._searches.window = settings.search_batch_window_ms / 1000
-    with ThreadPoolExecutor(len(texts)) as pool:
+    # The pool starts its threads one by one, and a query alone in flight is answered at once
+    # (no window for a lone client): held here, one more query in flight keeps every batcher
+    # waiting until its batch is full, however the threads are scheduled.
+    with service._in_flight, ThreadPoolExecutor(len(texts)) as pool:
         batched = dict(
             zip(texts, pool.map(lambda t: service.search_text(t, 5), texts), strict=True)
         )
@@ -412,7 +415,7 @@ def test_concurrent_image_queries_share_one_analysis(indexed, catalog):
     one_by_one = [SearchService(indexed).search_image(image, 3) for image in images]
     settings = indexed.model_copy(update={"search_batch_window_ms": 30_000, "search_max_batch": 3})
     service = SearchService(settings)
-    with ThreadPoolExecutor(3) as pool:
+    with service._in_flight, ThreadPoolExecutor(3) as pool:  # as above: the batch fills
         batched = list(pool.map(lambda image: service.search_image(image, 3), images))
     assert (service._images.batches, service._images.items) == (1, 3)
     for want, got in zip(one_by_one, batched, strict=True):
