@@ -69,13 +69,17 @@ class Figures:
     video_seconds: float
     decode_s: float  # decoding alone (a separate pass)
     wall_s: float  # decode + analysis + search, end to end
-    shown: set[str]
+    # each product reported (matched at `similar` or better), with its best score: a track's
+    # match (flickd), or the prototype's best crop
+    scores: dict[str, float]
     crops: int = 0
     # (product, first s, last s) of each sighting at `similar` or better: a crop's frame (the
     # prototype) or a product's merged time range (flickd)
     sightings: list[tuple[str, float, float]] = dataclasses.field(default_factory=list)
-    # each product reported, with its best score (a track's match, or the prototype's best crop)
-    scores: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def shown(self) -> set[str]:
+        return set(self.scores)
 
     def recall_of_top(self, truth: set[str], length: int) -> float:
         """Recall of the ``length`` best-scored products reported (the list a user would read
@@ -172,10 +176,9 @@ def flickd_way(path: Path, service: SearchService, settings: Settings) -> Figure
         seconds,
         decode_s,
         wall,
-        {p.product_id for p in result.products},
+        {p.product_id: p.score for p in result.products},
         crops=len(result.frames),
         sightings=[(p.product_id, a, b) for p in result.products for a, b in p.time_ranges],
-        scores={p.product_id: p.score for p in result.products},
     )
 
 
@@ -201,7 +204,6 @@ def prototype_way(path: Path, every: int, service: SearchService, settings: Sett
         decoded = sum(1 for _ in container.decode(video=0))
     decode_s = time.perf_counter() - started
 
-    shown: set[str] = set()
     sightings: list[tuple[str, float, float]] = []
     scores: dict[str, float] = {}
     analysed = crops = 0
@@ -226,7 +228,6 @@ def prototype_way(path: Path, every: int, service: SearchService, settings: Sett
                 (hits,) = service._search_grouped(index, vector, 1)
                 crops += 1
                 if hits and hits[0].match in SHOWN:
-                    shown.add(hits[0].product_id)
                     score = scores.get(hits[0].product_id, -1.0)
                     scores[hits[0].product_id] = max(score, hits[0].score)
                     at = float(frame.time or 0.0)
@@ -240,10 +241,9 @@ def prototype_way(path: Path, every: int, service: SearchService, settings: Sett
         seconds,
         decode_s,
         wall,
-        shown,
+        scores,
         crops=crops,
         sightings=sightings,
-        scores=scores,
     )
 
 

@@ -52,12 +52,19 @@ from synthetic.video import footage_frame
 log = logging.getLogger(__name__)
 
 
-def _low_precision(device: torch.device) -> torch.dtype | None:
+def _autocast(device: torch.device) -> torch.autocast:
     """bf16 autocast where the hardware has it (a CUDA card, or a CPU with bf16 units): the
-    frozen pass runs twice as fast there; None elsewhere."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_bf16() else None
+    frozen pass runs twice as fast there; float32 elsewhere."""
+    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _run_layers(layers: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """``CLIPEncoderLayer``s in turn (no attention mask), as the encoder runs them."""
+    for layer in layers:
+        out = layer(hidden, None)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
 
 
 @dataclass(frozen=True)
@@ -152,9 +159,7 @@ class _Top(torch.nn.Module):
         self.projection = model.visual_projection
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            out = layer(hidden, None)
-            hidden = out[0] if isinstance(out, tuple) else out
+        hidden = _run_layers(self.layers, hidden)
         return F.normalize(self.projection(self.norm(hidden[:, 0])).float(), dim=-1)
 
 
@@ -165,29 +170,27 @@ def _frozen_features(
     """The hidden states entering the trained layers, for every view (bf16 on the CPU side)."""
     vision = model.vision_model
     frozen = vision.encoder.layers[: len(vision.encoder.layers) - layers]
-    dtype = _low_precision(device)
     chunks = []
     for start in range(0, len(images), 32):
         pixels = processor(images=images[start : start + 32], return_tensors="pt")["pixel_values"]
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with _autocast(device):
             hidden = vision.pre_layrnorm(vision.embeddings(pixels.to(device)))
-            for layer in frozen:
-                out = layer(hidden, None)
-                hidden = out[0] if isinstance(out, tuple) else out
+            hidden = _run_layers(frozen, hidden)
         chunks.append(hidden.to("cpu", torch.bfloat16))
     return torch.cat(chunks)
 
 
 def _pairs(
-    owners: np.ndarray, kinds: np.ndarray, batch: int, rng: np.random.Generator
+    views: list[tuple[np.ndarray, np.ndarray]], batch: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``batch`` distinct products, for each a catalog view and a footage view of it."""
-    products = rng.choice(int(owners.max()) + 1, size=batch, replace=False)
+    """``batch`` distinct products, for each a catalog view and a footage view of it;
+    ``views[product]`` holds its catalog and its footage views' rows."""
+    products = rng.choice(len(views), size=batch, replace=False)
     first, second = [], []
     for product in products:
-        mine = np.flatnonzero(owners == product)
-        first.append(int(rng.choice(mine[kinds[mine] == 0])))
-        second.append(int(rng.choice(mine[kinds[mine] == 1])))
+        catalog, footage = views[product]
+        first.append(int(rng.choice(catalog)))
+        second.append(int(rng.choice(footage)))
     return np.asarray(first), np.asarray(second)
 
 
@@ -221,7 +224,6 @@ def train_instance_clip(
         before = _accuracy(top, features[held_out], owners[held_out], kinds[held_out], chosen)
         losses = _train(top, features[~held_out], owners[~held_out], kinds[~held_out], plan, chosen)
         after = _accuracy(top, features[held_out], owners[held_out], kinds[held_out], chosen)
-    model.requires_grad_(True)
     _save(model, source, out_dir)
     shutil.rmtree(work, ignore_errors=True)
     report = {
@@ -247,20 +249,22 @@ def _train(
     plan: TrainPlan,
     device: torch.device,
 ) -> list[float]:
-    owners = np.unique(owners, return_inverse=True)[1]  # products numbered 0..n-1 again
+    views = [
+        (np.flatnonzero((owners == p) & (kinds == 0)), np.flatnonzero((owners == p) & (kinds == 1)))
+        for p in np.unique(owners)
+    ]
     rng = np.random.default_rng([plan.seed, 2])
     top.train().requires_grad_(True)
     optimiser = torch.optim.AdamW(top.parameters(), lr=plan.lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimiser, max_lr=plan.lr, total_steps=plan.steps, pct_start=0.1
     )
-    dtype = _low_precision(device)
-    batch = min(plan.batch, int(owners.max()) + 1)
+    batch = min(plan.batch, len(views))
     losses = []
     for step in range(plan.steps):
-        first, second = _pairs(owners, kinds, batch, rng)
+        first, second = _pairs(views, batch, rng)
         hidden = features[np.concatenate([first, second])].to(device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with _autocast(device):
             vectors = top(hidden)
         a, b = vectors[:batch], vectors[batch:]
         logits = a @ b.T / plan.temperature
@@ -283,10 +287,9 @@ def _accuracy(
 ) -> float:
     """Share of footage views whose nearest catalog view belongs to their own product."""
     top.eval()
-    dtype = _low_precision(device)
     vectors = []
     for start in range(0, len(features), 64):
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with _autocast(device):
             vectors.append(top(features[start : start + 64].to(device)).cpu())
     all_vectors = torch.cat(vectors)
     catalog, footage = kinds == 0, kinds == 1
@@ -304,19 +307,20 @@ def _save(model: Any, source: Path, out_dir: Path) -> None:
     model.to("cpu").save_pretrained(out_dir)
 
 
+_CLI_FIELDS = ("products", "seed", "views", "layers", "steps", "batch")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--source", type=Path, required=True, help="a CLIP model directory")
     defaults = TrainPlan()
-    for name in ("products", "seed", "views", "layers", "steps", "batch"):
+    for name in _CLI_FIELDS:
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    plan = TrainPlan(
-        **{k: getattr(args, k) for k in ("products", "seed", "views", "layers", "steps", "batch")}
-    )
+    plan = TrainPlan(**{name: getattr(args, name) for name in _CLI_FIELDS})
     print(json.dumps(train_instance_clip(args.source, args.out_dir, plan, args.device), indent=2))
 
 

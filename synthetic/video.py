@@ -239,8 +239,7 @@ def footage_frame(
         direction=1.0 if rng.random() < 0.5 else -1.0,
     )
     frame, box = _placed(plan, int(rng.integers(0, 100)))
-    noisy = frame + rng.normal(0.0, NOISE_SIGMA, frame.shape)
-    return np.clip(noisy, 0, 255).astype(np.uint8), box
+    return _with_noise(frame, rng), box
 
 
 def _render_frame(plans: list[_ShotPlan], n: int, rng: np.random.Generator) -> np.ndarray:
@@ -251,6 +250,11 @@ def _render_frame(plans: list[_ShotPlan], n: int, rng: np.random.Generator) -> n
         overlap = old.start + old.length - new.start
         alpha = (n - new.start + 1) / (overlap + 1)
         frame = _shot_frame(old, n) * (1 - alpha) + frame * alpha
+    return _with_noise(frame, rng)
+
+
+def _with_noise(frame: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``frame`` (float) with mild sensor noise, as 8-bit pixels."""
     noisy = frame + rng.normal(0.0, NOISE_SIGMA, frame.shape)
     return np.clip(noisy, 0, 255).astype(np.uint8)
 
