@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Iterator
@@ -87,3 +88,19 @@ def autocast_context(device: torch.device) -> Iterator[None]:
         return
     with torch.autocast(device_type="cuda", dtype=dtype):
         yield
+
+
+_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (the Linux CPU flags say so)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return bool(_BF16_CPU_FLAGS & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False

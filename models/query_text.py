@@ -19,17 +19,16 @@ precision already) it is the embedder's own float path, as is ``float``.
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from models.device import cpu_has_bf16
 from models.embedder import Embedder
 
 QueryTextPrecision = Literal["auto", "float", "bfloat16"]
-_BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16"}
 
 
 class TextQueryEncoder:
@@ -76,16 +75,3 @@ def resolve(precision: QueryTextPrecision, device: torch.device) -> Literal["flo
     if precision == "auto":
         return "bfloat16" if cpu_has_bf16() else "float"
     return precision
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (the Linux CPU flags say so)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return bool(_BF16_CPU_FLAGS & set(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return False

@@ -43,9 +43,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from models.device import select_device
+from models.device import cpu_has_bf16, select_device
 from models.loading import quiet_progress_bars
-from models.query_text import cpu_has_bf16
 from synthetic.catalog import generate_catalog
 from synthetic.video import footage_frame
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from models.device import cpu_has_bf16
 from models.embedder import Embedder
-from models.query_text import TextQueryEncoder, cpu_has_bf16, resolve
+from models.query_text import TextQueryEncoder, resolve
 from tests.models_fixtures import tiny_embedder, tiny_models, torch_single_thread
 from tests.test_models_embedder import TEXTS, _assert_unit_rows
 
