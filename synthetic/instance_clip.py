@@ -51,11 +51,14 @@ from synthetic.video import footage_frame
 log = logging.getLogger(__name__)
 
 
+def _has_bf16(device: torch.device) -> bool:
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+
+
 def _autocast(device: torch.device) -> torch.autocast:
     """bf16 autocast where the hardware has it (a CUDA card, or a CPU with bf16 units): the
     frozen pass runs twice as fast there; float32 elsewhere."""
-    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_has_bf16(device))
 
 
 def _run_layers(layers: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -166,7 +169,9 @@ class _Top(torch.nn.Module):
 def _frozen_features(
     model: Any, processor: Any, images: list[Image.Image], layers: int, device: torch.device
 ) -> torch.Tensor:
-    """The hidden states entering the trained layers, for every view (bf16 on the CPU side)."""
+    """The hidden states entering the trained layers, for every view, kept on the CPU side in
+    the dtype the trained layers take: bf16 under bf16 autocast (half the memory), else
+    float32 (a float32 layer refuses bf16 inputs)."""
     vision = model.vision_model
     frozen = vision.encoder.layers[: len(vision.encoder.layers) - layers]
     chunks = []
@@ -175,7 +180,7 @@ def _frozen_features(
         with _autocast(device):
             hidden = vision.pre_layrnorm(vision.embeddings(pixels.to(device)))
             hidden = _run_layers(frozen, hidden)
-        chunks.append(hidden.to("cpu", torch.bfloat16))
+        chunks.append(hidden.to("cpu", torch.bfloat16 if _has_bf16(device) else torch.float32))
     return torch.cat(chunks)
 
 
