@@ -228,7 +228,7 @@ def train_instance_clip(
         before = _accuracy(top, features[held_out], owners[held_out], kinds[held_out], chosen)
         losses = _train(top, features[~held_out], owners[~held_out], kinds[~held_out], plan, chosen)
         after = _accuracy(top, features[held_out], owners[held_out], kinds[held_out], chosen)
-    _save(model, source, out_dir)
+    save_beside_source(model, source, out_dir)
     shutil.rmtree(work, ignore_errors=True)
     report = {
         "plan": asdict(plan),
@@ -302,8 +302,8 @@ def _accuracy(
     return float(np.mean(nearest == owners[footage]))
 
 
-def _save(model: Any, source: Path, out_dir: Path) -> None:
-    """The trained weights, with the source's tokenizer and processor files beside them."""
+def save_beside_source(model: Any, source: Path, out_dir: Path) -> None:
+    """The trained weights, with the source's other files (tokenizer, processor) beside them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in Path(source).iterdir():
         if item.is_file() and item.suffix != ".safetensors" and item.name != "config.json":

@@ -224,11 +224,15 @@ def _background(size: tuple[int, int], hue: float, rng: np.random.Generator) -> 
 
 
 def footage_frame(
-    image: Image.Image, size: tuple[int, int], rng: np.random.Generator
+    image: Image.Image,
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    item: tuple[int, int, int, int] | None = None,
 ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """One frame of a shot of ``image`` as :func:`make_clip` renders it, drawn at random (a
     background of a random hue, a pan or a zoom at a random point of the shot, sensor noise),
-    and the product's box in it (x0, y0, x1, y1)."""
+    and the product's box in it (x0, y0, x1, y1): the whole image's, or where ``item`` (a box
+    in the image's pixels, such as the garment's ``CatalogImage.bbox``) lands."""
     plan = _ShotPlan(
         product_id="",
         image=image.convert("RGB"),
@@ -238,7 +242,7 @@ def footage_frame(
         motion="pan" if rng.random() < 0.5 else "zoom",
         direction=1.0 if rng.random() < 0.5 else -1.0,
     )
-    frame, box = _placed(plan, int(rng.integers(0, 100)))
+    frame, box = _placed(plan, int(rng.integers(0, 100)), item)
     return _with_noise(frame, rng), box
 
 
@@ -264,8 +268,11 @@ def _shot_frame(plan: _ShotPlan, n: int) -> np.ndarray:
     return _placed(plan, n)[0]
 
 
-def _placed(plan: _ShotPlan, n: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """:func:`_shot_frame` and where the product lies in it (x0, y0, x1, y1, clipped)."""
+def _placed(
+    plan: _ShotPlan, n: int, item: tuple[int, int, int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """:func:`_shot_frame` and where the product lies in it (x0, y0, x1, y1, clipped): the
+    whole image, or ``item`` (a box in the image's pixels)."""
     height, width = plan.background.shape[:2]
     progress = (n - plan.start) / max(1, plan.length - 1)  # 0 .. 1 over the shot
     scale = 1.0
@@ -285,6 +292,11 @@ def _placed(plan: _ShotPlan, n: int) -> tuple[np.ndarray, tuple[int, int, int, i
     # Paste what falls inside the frame (a zoomed product may overhang the edges).
     fx0, fy0, fx1, fy1 = max(0, x0), max(0, y0), min(width, x0 + w), min(height, y0 + h)
     frame[fy0:fy1, fx0:fx1] = product[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0]
+    if item is not None:
+        ix0, iy0 = x0 + round(item[0] * w / image.width), y0 + round(item[1] * h / image.height)
+        ix1, iy1 = x0 + round(item[2] * w / image.width), y0 + round(item[3] * h / image.height)
+        fx0, fy0 = max(fx0, ix0), max(fy0, iy0)
+        fx1, fy1 = max(fx0, min(fx1, ix1)), max(fy0, min(fy1, iy1))
     return frame, (fx0, fy0, fx1, fy1)
 
 
