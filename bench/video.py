@@ -12,14 +12,19 @@ and reuses them; ``--flickd-only`` skips the prototype's way for quick tries of 
 
 Models: `base` (`flickd models build`) has the real architectures with random weights; every
 crop then scores 0.97-0.99 against every product, and a "match" is decided by a few
-thousandths: recall measured with it is mostly chance. `trained` (the default) is the same
-`base` detector beside a `base` CLIP whose last two vision layers were trained here to tell
-synthetic products apart (synthetic/instance_clip.py: packshot crops against frames of
-footage; about eleven minutes on 2 cores, once, kept in the temp folder). It trains on a
-300-product catalog of the benchmark's seed, whose first 60 products are the benchmark's
-catalog, as flickd's own fine-tuning stage trains on the catalog it indexes; the clip's frames
-are never seen, and the training report's held-out top-1 is measured on 30 products outside
-the benchmark's catalog. Same architectures, same compute per frame.
+thousandths: recall measured with it is mostly chance. `trained` (the default) has the same
+architectures and the same compute per frame, trained here once and kept in the temp folder:
+* a `base` CLIP whose last two vision layers were trained to tell synthetic products apart
+  (synthetic/instance_clip.py: packshot crops against frames of footage; about eleven minutes
+  on 2 cores with bf16 units). It trains on a 300-product catalog of the benchmark's seed,
+  whose first 60 products are the benchmark's catalog, as flickd's own fine-tuning stage
+  trains on the catalog it indexes; the clip's frames are never seen, and the training
+  report's held-out top-1 is measured on 30 products outside the benchmark's catalog;
+* a `base` YOLOS whose two detection heads were trained to box the garment of a synthetic
+  packshot or frame of footage (synthetic/instance_detector.py), on a catalog of another seed:
+  no benchmark product is seen; it runs at detection threshold 0.2 (`_threshold`). With the
+  random detector's boxes (half on the background), both ways search crops of little but
+  background; `trained-clip` keeps that detector.
 
 A synthetic catalog is analysed and indexed with these models in the embedded mode (SQLite,
 tasks in-process), and a clip is made with synthetic/video.py from the images of half its
@@ -247,10 +252,13 @@ def prototype_way(path: Path, every: int, service: SearchService, settings: Sett
     )
 
 
-def _trained_models(seed: int) -> dict[str, Path]:
-    """The ``base`` detector beside a ``base`` CLIP trained here on a catalog of ``seed``
-    (synthetic/instance_clip.py), kept in the temp folder beside the built models."""
+def _trained_models(seed: int, detector: bool = True) -> dict[str, Path]:
+    """The ``base`` architectures trained here, kept in the temp folder beside the built
+    models: a CLIP trained on a catalog of ``seed`` (synthetic/instance_clip.py) and, with
+    ``detector``, a YOLOS whose heads were trained on another catalog's scenes (seed 1000,
+    synthetic/instance_detector.py; else the random ``base`` detector)."""
     from synthetic.instance_clip import TrainPlan, train_instance_clip
+    from synthetic.instance_detector import DetectorPlan, train_instance_detector
 
     built = _models("base")
     clip = built["clip"].parent / f"clip-instance-seed{seed}"
@@ -261,7 +269,30 @@ def _trained_models(seed: int) -> dict[str, Path]:
             f"{report['held_out_products']} held-out products "
             f"{report['held_out_top1_before']:.2f} -> {report['held_out_top1_after']:.2f}"
         )
-    return {"detector": built["detector"], "clip": clip}
+    if not detector:
+        return {"detector": built["detector"], "clip": clip}
+    plan = DetectorPlan()
+    trained = built["detector"].parent / f"detector-instance-seed{plan.seed}"
+    if not (trained / "config.json").exists():
+        found = train_instance_detector(built["detector"], trained, plan)
+        print(
+            f"detector heads trained in {found['seconds']:.0f}s: on "
+            f"{found['held_out_scenes']} held-out scenes, best box IoU "
+            f"{found['held_out_iou_before']:.2f} -> {found['held_out_iou_after']:.2f}, coarse "
+            f"class {found['held_out_class_before']:.2f} -> {found['held_out_class_after']:.2f}"
+        )
+    return {"detector": trained, "clip": clip}
+
+
+def _threshold(models: str) -> dict[str, float]:
+    """The trained detector's heads box the garment (held-out IoU 0.2 -> 0.6) but cannot tell
+    its category from frozen random features (coarse class right in about one scene in ten),
+    so their probability is spread over the classes and its best box rarely scores 0.5: it
+    runs at 0.2 unless FLICKD_DETECTION_THRESHOLD says otherwise (for the catalog and the clip
+    alike, both ways)."""
+    if models != "trained" or "FLICKD_DETECTION_THRESHOLD" in os.environ:
+        return {}
+    return {"detection_threshold": 0.2}
 
 
 def _make_catalog_and_clip(
@@ -306,10 +337,12 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=30)
     parser.add_argument(
         "--models",
-        choices=["tiny", "base", "trained"],
+        choices=["tiny", "base", "trained-clip", "trained"],
         default="trained",
         help="trained (default): the base architectures, CLIP's last vision layers trained "
-        "here to tell products apart, so that recall means something; base: random weights",
+        "here to tell products apart and the detector's heads to find garments, so that "
+        "recall means something; trained-clip: the same CLIP beside the random detector; "
+        "base: random weights",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -324,7 +357,8 @@ def main() -> None:
         type=Path,
         default=None,
         help="keep the indexed catalog and the clip in this folder and reuse them on the next "
-        "run with the same --seconds/--size/--fps/--models/--seed (their making takes minutes)",
+        "run with the same --seconds/--size/--fps/--models/--seed and the same FLICKD_* "
+        "settings outside FLICKD_VIDEO_*/FLICKD_TRACK_* (their making takes minutes)",
     )
     parser.add_argument(
         "--flickd-only",
@@ -338,14 +372,26 @@ def main() -> None:
     print(f"load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     width, height = (int(v) for v in args.size.lower().split("x"))
 
-    key = f"{args.seconds:g}s-{args.size}-{args.fps:g}fps-{args.models}-seed{args.seed}"
+    if args.models.startswith("trained"):
+        models = _trained_models(args.seed, detector=args.models == "trained")
+    else:
+        models = _models(args.models)
+    named = f"{models['detector'].name}+{models['clip'].name}"  # the index depends on both
+    key = f"{args.seconds:g}s-{args.size}-{args.fps:g}fps-{args.models}-{named}-seed{args.seed}"
+    # So do the settings outside video search's own (FLICKD_DETECTION_THRESHOLD, say).
+    indexing = sorted(
+        (name, value)
+        for name, value in os.environ.items()
+        if name.startswith("FLICKD_") and not name.startswith(("FLICKD_VIDEO_", "FLICKD_TRACK_"))
+    )
+    if indexing:
+        key += "-" + hashlib.sha256(repr(indexing).encode()).hexdigest()[:10]
     if args.cache is not None:
         work = args.cache / key
         work.mkdir(parents=True, exist_ok=True)
     else:
         work = Path(tempfile.mkdtemp(prefix="flickd-bench-video-"))
     state = work / "state.pickle"
-    models = _trained_models(args.seed) if args.models == "trained" else _models(args.models)
     settings = Settings(
         data_dir=work / "data",
         allowed_networks=["127.0.0.0/8"],
@@ -353,6 +399,7 @@ def main() -> None:
         detector_model=str(models["detector"]),
         embedding_model=str(models["clip"]),
         device=args.device,
+        **_threshold(args.models),
     )
     if state.exists():
         with state.open("rb") as fh:
@@ -374,7 +421,8 @@ def main() -> None:
     if detector is not None:
         detector.detect([warm])
     print(
-        f"settings: video_max_fps {settings.video_max_fps}, scene threshold "
+        f"settings: detection threshold {settings.detection_threshold}, "
+        f"video_max_fps {settings.video_max_fps}, scene threshold "
         f"{settings.video_scene_threshold}, motion threshold {settings.video_motion_threshold}, "
         f"min fps {settings.video_min_fps}, detector shortest edge "
         f"{settings.video_detector_shortest_edge or 'its own'}, "
