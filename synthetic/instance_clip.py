@@ -311,21 +311,32 @@ def save_beside_source(model: Any, source: Path, out_dir: Path) -> None:
     model.to("cpu").save_pretrained(out_dir)
 
 
-_CLI_FIELDS = ("products", "seed", "views", "layers", "steps", "batch")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def training_cli(
+    argv: list[str] | None,
+    doc: str,
+    plan_type: Any,
+    fields: tuple[str, ...],
+    source_help: str,
+    train: Any,
+) -> None:
+    """``OUT_DIR --source DIR [--FIELD N ...] [--device D]``: ``train(source, out_dir, plan,
+    device)`` with a ``plan_type`` whose integer ``fields`` the flags set; prints its report."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--source", type=Path, required=True, help="a CLIP model directory")
-    defaults = TrainPlan()
-    for name in _CLI_FIELDS:
+    parser.add_argument("--source", type=Path, required=True, help=source_help)
+    defaults = plan_type()
+    for name in fields:
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    plan = TrainPlan(**{name: getattr(args, name) for name in _CLI_FIELDS})
-    print(json.dumps(train_instance_clip(args.source, args.out_dir, plan, args.device), indent=2))
+    plan = plan_type(**{name: getattr(args, name) for name in fields})
+    print(json.dumps(train(args.source, args.out_dir, plan, args.device), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    fields = ("products", "seed", "views", "layers", "steps", "batch")
+    training_cli(argv, __doc__, TrainPlan, fields, "a CLIP model directory", train_instance_clip)
 
 
 if __name__ == "__main__":

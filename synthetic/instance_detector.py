@@ -30,7 +30,6 @@ the background, which is what the benchmarks need.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -47,7 +46,7 @@ from models.device import select_device
 from models.labels import label_for_feed_category
 from models.loading import quiet_progress_bars
 from synthetic.catalog import generate_catalog
-from synthetic.instance_clip import save_beside_source
+from synthetic.instance_clip import save_beside_source, training_cli
 from synthetic.video import footage_frame
 
 log = logging.getLogger(__name__)
@@ -248,22 +247,10 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-_CLI_FIELDS = ("products", "seed", "frames", "steps", "batch")
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--source", type=Path, required=True, help="a YOLOS model directory")
-    defaults = DetectorPlan()
-    for name in _CLI_FIELDS:
-        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--device", default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    plan = DetectorPlan(**{name: getattr(args, name) for name in _CLI_FIELDS})
-    print(
-        json.dumps(train_instance_detector(args.source, args.out_dir, plan, args.device), indent=2)
+    fields = ("products", "seed", "frames", "steps", "batch")
+    training_cli(
+        argv, __doc__, DetectorPlan, fields, "a YOLOS model directory", train_instance_detector
     )
 
 
