@@ -45,6 +45,7 @@ from PIL import Image
 from models.device import select_device
 from models.labels import label_for_feed_category
 from models.loading import quiet_progress_bars
+from models.tracks import box_iou
 from synthetic.catalog import generate_catalog
 from synthetic.instance_clip import save_beside_source, training_cli
 from synthetic.video import footage_frame
@@ -230,7 +231,10 @@ def _evaluate(model: Any, scenes: _Scenes, rows: np.ndarray) -> tuple[float, flo
     best = scores.argmax(-1)
     picked = torch.arange(len(best))
     predicted = boxes[picked, best].cpu().numpy()
-    ious = [_iou(p, t) for p, t in zip(predicted, scenes.boxes[rows], strict=True)]
+    ious = [
+        box_iou(_corners(p), _corners(t))
+        for p, t in zip(predicted, scenes.boxes[rows], strict=True)
+    ]
     coarse = [
         LABELS[int(c)].coarse == LABELS[int(t)].coarse
         for c, t in zip(classes[picked, best].tolist(), scenes.classes[rows], strict=True)
@@ -238,13 +242,10 @@ def _evaluate(model: Any, scenes: _Scenes, rows: np.ndarray) -> tuple[float, flo
     return float(np.mean(ious)), float(np.mean(coarse))
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    """IoU of two cx cy w h boxes."""
-    ax0, ay0, ax1, ay1 = a[0] - a[2] / 2, a[1] - a[3] / 2, a[0] + a[2] / 2, a[1] + a[3] / 2
-    bx0, by0, bx1, by1 = b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2
-    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return float(inter / union) if union > 0 else 0.0
+def _corners(box: np.ndarray) -> tuple[float, float, float, float]:
+    """A cx cy w h box as x0 y0 x1 y1."""
+    cx, cy, w, h = (float(v) for v in box)
+    return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
 
 
 def main(argv: list[str] | None = None) -> None:

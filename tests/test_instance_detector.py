@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from models.detector import Detector
+from models.tracks import box_iou
 from synthetic.catalog import generate_catalog
 from synthetic.instance_detector import DetectorPlan, train_instance_detector
 from synthetic.video import footage_frame
@@ -68,15 +69,7 @@ def _best_box_iou(detector: Detector, frames: list[tuple[np.ndarray, tuple]]) ->
         if not detections:
             ious.append(0.0)
             continue
-        box = detections[0].box
-        ix = max(0.0, min(box[2], truth[2]) - max(box[0], truth[0]))
-        iy = max(0.0, min(box[3], truth[3]) - max(box[1], truth[1]))
-        union = (
-            (box[2] - box[0]) * (box[3] - box[1])
-            + (truth[2] - truth[0]) * (truth[3] - truth[1])
-            - ix * iy
-        )
-        ious.append(ix * iy / union)
+        ious.append(box_iou(detections[0].box, truth))
     return float(np.mean(ious))
 
 
